@@ -1,0 +1,24 @@
+"""PyroModule layers with rank priors and their deterministic twins."""
+
+from .base import RankLayer
+from .cp import CPFusion
+from .deterministic import DeterministicCPFusion, DeterministicXOXLinear
+from .interop import (
+    cp_from_tltorch,
+    cp_to_tltorch,
+    cpfusion_values_from_tltorch,
+    cpfusion_values_to_tltorch,
+)
+from .xox import XOXLinear
+
+__all__ = [
+    "CPFusion",
+    "DeterministicCPFusion",
+    "DeterministicXOXLinear",
+    "RankLayer",
+    "XOXLinear",
+    "cp_from_tltorch",
+    "cp_to_tltorch",
+    "cpfusion_values_from_tltorch",
+    "cpfusion_values_to_tltorch",
+]

@@ -1,0 +1,115 @@
+"""Machinery shared by the Bayesian rank-bearing layers."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor
+
+from .._checks import check_positive_float
+from ..priors import make_rank_prior
+
+
+def validation_enabled() -> bool:
+    """Whether Pyro's validation is on (then layers also check inputs for NaN/inf)."""
+    return pyro.distributions.is_validation_enabled()
+
+
+def to_op_layout(value: Tensor, event_dim: int) -> Tensor:
+    """Convert a sampled value from Pyro's batch layout to the ops' particle layout.
+
+    Pyro right-aligns a site's batch dims with the data's batch dims. Under a particle plate
+    (``vectorize_particles``, ``Predictive(parallel=True)``, NUTS predictive) in a model with a
+    data plate at dim -1, a weight sampled outside that plate has batch shape ``(S, 1)``: the
+    trailing 1 stands for the data rows. The ops broadcast factor dims against the input's dims
+    *left* of the row axis, so that placeholder is dropped here. When the model has no data plate
+    (e.g. a bare layer under ``Predictive``), the particle dim is the last batch dim and is kept.
+
+    Layers must therefore be called outside plates over the data rows (their weights are shared
+    by all rows), as in :class:`bayes_fusion.Regressor`.
+    """
+    if value.dim() > event_dim and value.shape[value.dim() - event_dim - 1] == 1:
+        return value.squeeze(value.dim() - event_dim - 1)
+    return value
+
+
+class RankLayer(PyroModule):
+    """Base of the Bayesian layers whose rank is governed by per-component scales.
+
+    Subclasses define ``rank`` (number of components), ``site_shapes()`` and the forward pass.
+    Every site of the layer is named ``"{prefix}.{short}"`` where ``prefix`` is the module's
+    Pyro name (its attribute path inside the enclosing ``PyroModule``; empty at top level).
+
+    :param eta: rank-prior scale (``> 0``).
+    :param rank_prior: ``"half_cauchy"`` or ``"log_uniform"``.
+    :param scale_floor: ``epsilon`` added to ``lambda`` in the factor prior
+        ``Normal(0, lambda_r + epsilon)``; keeps the joint density bounded so MAP has an
+        optimum (see the docs' "MAP caveat").
+    :param bias_scale: std of the ``Normal(0, bias_scale)`` bias prior.
+    """
+
+    #: short name of the per-component scale site
+    SCALE_SITE = "rank_scale"
+
+    def __init__(
+        self,
+        eta: float,
+        rank_prior: str,
+        scale_floor: float,
+        bias_scale: float,
+    ) -> None:
+        super().__init__()
+        self.rank_prior = make_rank_prior(rank_prior, eta)
+        self.rank_prior_name = rank_prior
+        self.register_buffer(
+            "scale_floor", torch.tensor(check_positive_float("scale_floor", scale_floor))
+        )
+        self.register_buffer(
+            "bias_scale", torch.tensor(check_positive_float("bias_scale", bias_scale))
+        )
+
+    # --- naming -------------------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        """The Pyro name of this module ("" at top level)."""
+        return self.__dict__.get("_pyro_name", "")
+
+    def site_name(self, short: str) -> str:
+        """Full Pyro site name of one of this layer's sites."""
+        return f"{self.prefix}.{short}" if self.prefix else short
+
+    def site_names(self) -> dict[str, str]:
+        """Map short site names to full site names, in sampling order."""
+        return {short: self.site_name(short) for short in self.site_shapes()}
+
+    def site_shapes(self) -> dict[str, tuple[int, ...]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- sampling -----------------------------------------------------------------------
+    def _sample_scales(self) -> Tensor:
+        return pyro.sample(self.site_name(self.SCALE_SITE), self.rank_prior.distribution(self.rank))
+
+    def _sample_scaled_factor(self, short: str, scales: Tensor, rows: int) -> Tensor:
+        """Sample a ``(rows, R)`` factor whose column ``r`` is ``Normal(0, lambda_r + eps)``."""
+        std = (scales + self.scale_floor).unsqueeze(-2)
+        std = std.expand(std.shape[:-2] + (rows, std.shape[-1]))
+        return pyro.sample(
+            self.site_name(short), dist.Normal(torch.zeros_like(std), std).to_event(2)
+        )
+
+    def _sample_bias(self, size: int, like: Tensor) -> Tensor:
+        loc = like.new_zeros(size)
+        return pyro.sample(
+            self.site_name("bias"),
+            dist.Normal(loc, self.bias_scale.to(like.dtype).expand(size)).to_event(1),
+        )
+
+    # --- init ---------------------------------------------------------------------------
+    def init_values(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        """Good initial values per full site name (used by the guide presets)."""
+        raise NotImplementedError
+
+    def _buffer_like(self) -> Tensor:
+        return self.scale_floor

@@ -1,0 +1,241 @@
+"""Deterministic twins (plain ``nn.Module``, no Pyro) of the Bayesian layers.
+
+They are what :func:`bayes_fusion.prune` exports, and the fixed versions of the seed layers:
+:class:`DeterministicCPFusion` honours the CP weights (the seed's forward ignored them), and
+:class:`DeterministicXOXLinear` is a true drop-in for ``nn.Linear`` with a bias and a
+closed-form init scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_choice, check_float_tensor, check_positive_int
+from ..ops.cp import cp_fusion, cp_to_dense
+from ..ops.xox import ORDERS, xox_init_scale, xox_linear, xox_to_dense
+from .cp import check_modalities
+
+
+class DeterministicCPFusion(nn.Module):
+    """CP fusion ``y = ((prod_m x~_m U_m) * w) U_out^T + b`` with learnable parameters.
+
+    :param in_features: feature sizes ``(d_1, ..., d_M)``.
+    :param out_features: output size ``P``.
+    :param rank: number of CP components ``R``.
+    :param append_one: append the constant 1 to every modality.
+    :param bias: whether to learn a bias.
+    :param dtype: parameter dtype; ``device``: parameter device.
+
+    Parameters: ``factors[m]`` ``(d~_m, R)``, ``out_factor`` ``(P, R)``, ``weights`` ``(R,)``,
+    ``bias`` ``(P,)``.
+    """
+
+    def __init__(
+        self,
+        in_features: Sequence[int],
+        out_features: int,
+        rank: int,
+        append_one: bool = True,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(in_features, int) or len(in_features) < 2:
+            raise ValueError(f"in_features: expected >= 2 modality sizes, got {in_features!r}")
+        self.in_features = tuple(
+            check_positive_int(f"in_features[{m}]", d) for m, d in enumerate(in_features)
+        )
+        self.out_features = check_positive_int("out_features", out_features)
+        self.rank = check_positive_int("rank", rank)
+        self.append_one = bool(append_one)
+        kw = {"dtype": dtype, "device": device}
+        rows = [d + int(self.append_one) for d in self.in_features]
+        self.factors = nn.ParameterList(
+            [nn.Parameter(torch.randn(r, self.rank, **kw) / math.sqrt(r)) for r in rows]
+        )
+        self.out_factor = nn.Parameter(
+            torch.randn(self.out_features, self.rank, **kw) / math.sqrt(self.rank)
+        )
+        self.weights = nn.Parameter(torch.ones(self.rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if bias else None
+
+    def forward(self, inputs: Sequence[Tensor | None]) -> Tensor:
+        """:param inputs: list of M tensors ``(..., B, d_m)`` or ``None``.
+        :returns: ``(..., B, P)``."""
+        inputs = check_modalities(inputs, self.in_features)
+        return cp_fusion(
+            inputs, list(self.factors), self.out_factor, self.weights, self.bias, self.append_one
+        )
+
+    def to_dense(self) -> Tensor:
+        """Dense weight tensor of shape ``(d~_1, ..., d~_M, P)`` (tests/export only)."""
+        return cp_to_dense(list(self.factors), self.out_factor, self.weights)
+
+    def to_tltorch(self):
+        """Export the weight as a ``tltorch.CPTensor`` of shape ``(d~_1, ..., d~_M, P)``."""
+        from .interop import cp_to_tltorch
+
+        return cp_to_tltorch(
+            [f.detach() for f in self.factors], self.out_factor.detach(), self.weights.detach()
+        )
+
+    @classmethod
+    def from_tltorch(
+        cls, cp, append_one: bool = True, bias: Tensor | None = None
+    ) -> DeterministicCPFusion:
+        """Build the layer from a ``tltorch.CPTensor`` of shape ``(d~_1, ..., d~_M, P)``.
+
+        :param cp: the CP tensor; its last mode is the output.
+        :param append_one: whether the input modes include the constant row.
+        :param bias: optional bias of shape ``(P,)``.
+        """
+        from .interop import cp_from_tltorch
+
+        factors, out_factor, weights = cp_from_tltorch(cp)
+        return cls.from_factors(factors, out_factor, weights, bias, append_one)
+
+    @classmethod
+    def from_factors(
+        cls,
+        factors: Sequence[Tensor],
+        out_factor: Tensor,
+        weights: Tensor | None = None,
+        bias: Tensor | None = None,
+        append_one: bool = True,
+    ) -> DeterministicCPFusion:
+        """Build the layer holding copies of the given factors (shapes as in the class doc)."""
+        rank = out_factor.shape[-1]
+        sizes = [f.shape[0] - int(append_one) for f in factors]
+        layer = cls(
+            sizes,
+            out_factor.shape[0],
+            rank,
+            append_one,
+            bias is not None,
+            dtype=out_factor.dtype,
+            device=out_factor.device,
+        )
+        with torch.no_grad():
+            for p, f in zip(layer.factors, factors, strict=False):
+                p.copy_(f)
+            layer.out_factor.copy_(out_factor)
+            layer.weights.copy_(weights if weights is not None else torch.ones_like(layer.weights))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, append_one={self.append_one}, bias={self.bias is not None}"
+        )
+
+
+class DeterministicXOXLinear(nn.Module):
+    """XOX linear layer, a drop-in for ``nn.Linear``: ``(..., in) -> (..., out)``.
+
+    ``W = s X_out O X_in^T``. Factors start at the seed's stds (``X ~ N(0, 1/(3G))``,
+    ``O ~ N(0, 1/G^2)``) and the scale ``s`` is set in closed form
+    (:func:`bayes_fusion.ops.xox_init_scale`) so that ``std(W)`` equals the Kaiming-normal or
+    Xavier-normal target -- no random reference draw.
+
+    :param in_features: input size.
+    :param out_features: output size.
+    :param genes: bottleneck size ``G``.
+    :param bias: whether to learn a bias (initialised like ``nn.Linear``'s).
+    :param init: ``"kaiming"`` (fan-in, gain sqrt(2)) or ``"xavier"`` (gain 1).
+    :param order: evaluation order, ``"auto"`` (by FLOPs), ``"factored"`` or ``"dense"``.
+    :param learn_scale: make ``s`` a parameter (the seed did) rather than a buffer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        genes: int,
+        bias: bool = True,
+        init: str = "kaiming",
+        order: str = "auto",
+        learn_scale: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.genes = check_positive_int("genes", genes)
+        self.order = check_choice("order", order, ORDERS)
+        check_choice("init", init, ("kaiming", "xavier"))
+        kw = {"dtype": dtype, "device": device}
+        std_x = 1.0 / math.sqrt(3 * genes)
+        std_core = 1.0 / genes
+        self.x_in = nn.Parameter(torch.randn(in_features, genes, **kw) * std_x)
+        self.core = nn.Parameter(torch.randn(genes, genes, **kw) * std_core)
+        self.x_out = nn.Parameter(torch.randn(out_features, genes, **kw) * std_x)
+        scale = torch.tensor(
+            xox_init_scale(in_features, out_features, genes, std_x, std_core, std_x, init),
+            **kw,
+        )
+        if learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        if bias:
+            bound = 1.0 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features, **kw).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def weight(self) -> Tensor:
+        """Dense weight ``(out, in)`` (built on demand; not used by ``forward``)."""
+        return xox_to_dense(self.x_in, self.core, self.x_out, self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """:param x: ``(..., in)``. :returns: ``(..., out)``."""
+        check_float_tensor("x", x, min_dim=1)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x: expected {self.in_features} features (last dim), got shape {tuple(x.shape)}"
+            )
+        return xox_linear(x, self.x_in, self.core, self.x_out, self.scale, self.bias, self.order)
+
+    @classmethod
+    def from_factors(
+        cls,
+        x_in: Tensor,
+        core: Tensor,
+        x_out: Tensor,
+        scale: float | Tensor = 1.0,
+        bias: Tensor | None = None,
+        order: str = "auto",
+    ) -> DeterministicXOXLinear:
+        """Build the layer holding copies of given factors ``(in, G)``, ``(G, G)``, ``(out, G)``."""
+        layer = cls(
+            x_in.shape[0],
+            x_out.shape[0],
+            x_in.shape[1],
+            bias is not None,
+            order=order,
+            dtype=x_in.dtype,
+            device=x_in.device,
+        )
+        with torch.no_grad():
+            layer.x_in.copy_(x_in)
+            layer.core.copy_(core)
+            layer.x_out.copy_(x_out)
+            layer.scale.copy_(torch.as_tensor(scale, dtype=x_in.dtype))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"genes={self.genes}, bias={self.bias is not None}, order={self.order!r}"
+        )

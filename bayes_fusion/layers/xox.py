@@ -1,0 +1,175 @@
+"""Bayesian XOX ("genomic bottleneck") linear layer."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import Tensor
+
+from .._checks import check_choice, check_finite, check_float_tensor, check_positive_int
+from ..ops.xox import ORDERS, xox_gene_norms, xox_linear
+from .base import RankLayer, to_op_layout, validation_enabled
+
+
+class XOXLinear(RankLayer):
+    r"""Bayesian XOX linear layer ``y = x W^T + b`` with ``W = s X_out O X_in^T``.
+
+    A drop-in for ``nn.Linear(in_features, out_features)`` whose weight passes through a
+    bottleneck of ``G`` "genes" with automatic relevance determination over the genes.
+
+    **Sample sites** (``prefix`` as in :class:`CPFusion`):
+
+    ======================  ================  ===========================================
+    site                    shape             prior
+    ======================  ================  ===========================================
+    ``prefix.rank_scale``   ``(G,)``          ``HalfCauchy(eta)`` (or log-uniform)
+    ``prefix.x_in``         ``(in, G)``       column g: ``Normal(0, lam_g + eps)``
+    ``prefix.core``         ``(G, G)``        ``Normal(0, 1)`` (the scale lives in the X's)
+    ``prefix.x_out``        ``(out, G)``      column g: ``Normal(0, lam_g + eps)``
+    ``prefix.bias``         ``(out,)``        ``Normal(0, bias_scale)``
+    ======================  ================  ===========================================
+
+    **ARD choice.** ``lambda_g`` scales column g of *both* ``X_in`` and ``X_out``, not the core:
+    gene g enters ``W`` only through those two columns (``O`` mixes genes but has a fixed unit
+    prior), so when ``lambda_g -> 0`` every term of ``W`` that involves gene g vanishes and the
+    gene can be removed (row and column g of ``O`` with it). Putting the scale on ``O`` as well
+    would only add a redundant scale symmetry. The fixed output scale ``s = 1 / G`` makes
+    ``std(W_ij) = lam_in lam_out`` under the prior (``G^2`` terms of variance ``1/G^2``).
+
+    The evaluation order (``"factored"`` or ``"dense"``) is chosen by FLOP count; see
+    :func:`bayes_fusion.ops.xox_linear`.
+
+    :param in_features: input size.
+    :param out_features: output size.
+    :param genes: number of genes ``G`` (the maximum rank of ``W``).
+    :param eta: rank-prior scale (``> 0``).
+    :param rank_prior: ``"half_cauchy"`` or ``"log_uniform"``.
+    :param bias: whether to add a bias site.
+    :param order: ``"auto"``, ``"factored"`` or ``"dense"``.
+    :param scale_floor: ``eps`` above.
+    :param bias_scale: prior std of the bias.
+
+    Example::
+
+        >>> import torch, bayes_fusion as bf
+        >>> layer = bf.XOXLinear(in_features=20, out_features=5, genes=4)
+        >>> layer(torch.randn(8, 20)).shape
+        torch.Size([8, 5])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        genes: int,
+        eta: float = 1.0,
+        rank_prior: str = "half_cauchy",
+        bias: bool = True,
+        order: str = "auto",
+        scale_floor: float = 1e-3,
+        bias_scale: float = 1.0,
+    ) -> None:
+        in_features = check_positive_int("in_features", in_features)
+        out_features = check_positive_int("out_features", out_features)
+        genes = check_positive_int("genes", genes)
+        check_choice("order", order, ORDERS)
+        super().__init__(eta, rank_prior, scale_floor, bias_scale)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.genes = genes
+        self.use_bias = bool(bias)
+        self.order = order
+        self.register_buffer("output_scale", torch.tensor(1.0 / genes))
+        self.register_buffer("core_scale", torch.tensor(1.0))
+
+    @property
+    def rank(self) -> int:
+        """Number of genes ``G``."""
+        return self.genes
+
+    def site_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Short site name -> event shape, in sampling order."""
+        shapes = {
+            self.SCALE_SITE: (self.genes,),
+            "x_in": (self.in_features, self.genes),
+            "core": (self.genes, self.genes),
+            "x_out": (self.out_features, self.genes),
+        }
+        if self.use_bias:
+            shapes["bias"] = (self.out_features,)
+        return shapes
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Sample the weights and apply the layer.
+
+        :param x: input of shape ``(..., B, in)``.
+        :returns: tensor of shape ``(..., B, out)``.
+        """
+        check_float_tensor("x", x, min_dim=1)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x: expected {self.in_features} features (last dim), got shape {tuple(x.shape)}"
+            )
+        if validation_enabled():
+            check_finite("x", x)
+        scales = self._sample_scales()
+        x_in = self._sample_scaled_factor("x_in", scales, self.in_features)
+        core_std = self.core_scale.to(scales.dtype).expand(self.genes, self.genes)
+        core = pyro.sample(
+            self.site_name("core"), dist.Normal(torch.zeros_like(core_std), core_std).to_event(2)
+        )
+        x_out = self._sample_scaled_factor("x_out", scales, self.out_features)
+        bias = None
+        if self.use_bias:
+            bias = to_op_layout(self._sample_bias(self.out_features, scales), 1)
+        return xox_linear(
+            x,
+            to_op_layout(x_in, 2),
+            to_op_layout(core, 2),
+            to_op_layout(x_out, 2),
+            scale=self.output_scale,
+            bias=bias,
+            order=self.order,
+        )
+
+    def init_values(self) -> dict[str, Tensor]:
+        """Initial values: ``lambda = 1``, ``O ~ randn``, ``X ~ randn * sqrt(std_target)`` so
+        that ``std(W)`` equals the Kaiming-normal std ``sqrt(2 / in)``; bias 0."""
+        like = self._buffer_like()
+        kw = {"dtype": like.dtype, "device": like.device}
+        std_x = (2.0 / self.in_features) ** 0.25
+        values = {
+            self.site_name(self.SCALE_SITE): torch.ones(self.genes, **kw),
+            self.site_name("x_in"): torch.randn(self.in_features, self.genes, **kw) * std_x,
+            self.site_name("core"): torch.randn(self.genes, self.genes, **kw),
+            self.site_name("x_out"): torch.randn(self.out_features, self.genes, **kw) * std_x,
+        }
+        if self.use_bias:
+            values[self.site_name("bias")] = torch.zeros(self.out_features, **kw)
+        return values
+
+    def relevance(self, values: dict[str, Tensor]) -> Tensor:
+        """Relevance of each gene: the Frobenius norm of everything it contributes to ``W``.
+
+        :param values: short site name -> tensor with leading draw dims.
+        :returns: tensor of shape ``(..., G)``.
+        """
+        norms = xox_gene_norms(values["x_in"], values["core"], values["x_out"])
+        return norms * self.output_scale.to(norms.dtype)
+
+    def num_parameters(self, rank: int | None = None) -> int:
+        """Number of weights of a deterministic XOX layer with ``rank`` genes."""
+        g = self.genes if rank is None else rank
+        return g * (self.in_features + self.out_features + g) + (
+            self.out_features if self.use_bias else 0
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"genes={self.genes}, bias={self.use_bias}, order={self.order!r}"
+        )
+
+
+__all__ = ["XOXLinear"]

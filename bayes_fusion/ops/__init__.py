@@ -1,0 +1,25 @@
+"""Pure torch contractions (no Pyro, no state) that broadcast over leading particle dims."""
+
+from .cp import cp_component_norms, cp_dense_fusion, cp_fusion, cp_project, cp_to_dense
+from .xox import (
+    xox_choose_order,
+    xox_flops,
+    xox_gene_norms,
+    xox_init_scale,
+    xox_linear,
+    xox_to_dense,
+)
+
+__all__ = [
+    "cp_component_norms",
+    "cp_dense_fusion",
+    "cp_fusion",
+    "cp_project",
+    "cp_to_dense",
+    "xox_choose_order",
+    "xox_flops",
+    "xox_gene_norms",
+    "xox_init_scale",
+    "xox_linear",
+    "xox_to_dense",
+]

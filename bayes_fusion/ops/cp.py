@@ -1,0 +1,161 @@
+"""CP (low-rank multimodal) fusion as pure torch contractions.
+
+No Pyro, no state. Every function broadcasts over arbitrary leading *particle* dims on the
+factors (as produced by ``vectorize_particles``, ``Predictive(parallel=True)`` or NUTS), so a
+factor of shape ``(S, d, R)`` combined with inputs of shape ``(B, d)`` gives outputs of shape
+``(S, B, P)``.
+
+Notation: M modalities, inputs ``x_m`` of shape ``(..., B, d_m)``; with ``append_one`` the
+augmented input is ``x~_m = [x_m, 1]`` of size ``d~_m = d_m + 1``; factors ``U_m`` of shape
+``(..., d~_m, R)``; output factor ``U_out`` of shape ``(..., P, R)``; optional CP weights
+``w`` of shape ``(..., R)`` and bias ``b`` of shape ``(..., P)``::
+
+    y = ((prod_m x~_m U_m) * w) U_out^T + b
+
+The dense weight tensor ``W = [[w; U_1, ..., U_M, U_out]]`` of shape ``(d~_1, ..., d~_M, P)`` is
+only ever built by :func:`cp_to_dense`, which exists for tests and export.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["cp_project", "cp_fusion", "cp_to_dense", "cp_dense_fusion", "cp_component_norms"]
+
+
+def cp_project(x: Tensor | None, factor: Tensor, append_one: bool = True) -> Tensor:
+    """Project one modality onto the rank axis: ``x~ U``.
+
+    With ``append_one`` the constant 1 is not concatenated to ``x``; instead the last row of
+    ``factor`` is added, which is the same number without copying the batch. A missing modality
+    (``x is None``) is replaced by its *mean* input: ``[0, ..., 0, 1]`` with append-one (giving
+    the last row of ``factor``), or the zero vector without it.
+
+    :param x: input of shape ``(..., B, d)`` or ``None`` for a missing modality.
+    :param factor: factor of shape ``(..., d + append_one, R)``.
+    :param append_one: whether ``factor`` has an extra last row for the constant input.
+    :returns: tensor of shape ``(..., B, R)`` (or ``(..., 1, R)`` for a missing modality).
+    """
+    if x is None:
+        if append_one:
+            return factor[..., -1:, :]
+        return factor.new_zeros(factor.shape[:-2] + (1, factor.shape[-1]))
+    if append_one:
+        return torch.matmul(x, factor[..., :-1, :]) + factor[..., -1:, :]
+    return torch.matmul(x, factor)
+
+
+def cp_fusion(
+    inputs: Sequence[Tensor | None],
+    factors: Sequence[Tensor],
+    out_factor: Tensor,
+    weights: Tensor | None = None,
+    bias: Tensor | None = None,
+    append_one: bool = True,
+) -> Tensor:
+    """Fuse M modalities through a CP-factorized weight tensor without building it.
+
+    Cost ``O(B R (sum_m d~_m + P))``.
+
+    :param inputs: M tensors of shape ``(..., B, d_m)``; entries may be ``None`` (missing
+        modality, see :func:`cp_project`), but not all of them.
+    :param factors: M factors of shape ``(..., d_m + append_one, R)``.
+    :param out_factor: output factor of shape ``(..., P, R)``.
+    :param weights: optional CP weights of shape ``(..., R)``.
+    :param bias: optional bias of shape ``(..., P)``.
+    :param append_one: whether every factor carries the constant row.
+    :returns: tensor of shape ``(..., B, P)`` (leading dims broadcast between inputs and factors).
+    """
+    if len(inputs) != len(factors):
+        raise ValueError(
+            f"inputs: expected {len(factors)} modalities (one per factor), got {len(inputs)}"
+        )
+    hidden = None
+    for x, factor in zip(inputs, factors, strict=False):
+        proj = cp_project(x, factor, append_one)
+        hidden = proj if hidden is None else hidden * proj
+    if weights is not None:
+        hidden = hidden * weights.unsqueeze(-2)
+    out = torch.matmul(hidden, out_factor.transpose(-1, -2))
+    if bias is not None:
+        out = out + bias.unsqueeze(-2)
+    return out
+
+
+def cp_to_dense(
+    factors: Sequence[Tensor], out_factor: Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """Reconstruct the dense weight tensor ``[[w; U_1, ..., U_M, U_out]]``.
+
+    For tests and export only: the size is ``prod_m d~_m * P``.
+
+    :param factors: M factors of shape ``(..., d~_m, R)``.
+    :param out_factor: output factor of shape ``(..., P, R)``.
+    :param weights: optional CP weights of shape ``(..., R)``.
+    :returns: tensor of shape ``(..., d~_1, ..., d~_M, P)``.
+    """
+    mats = list(factors) + [out_factor]
+    if len(mats) + 1 > len(string.ascii_lowercase):
+        raise ValueError(f"factors: at most 24 modalities supported, got {len(factors)}")
+    letters = string.ascii_lowercase[: len(mats)]
+    operands = list(mats)
+    subs = [f"...{c}z" for c in letters]
+    if weights is not None:
+        operands.append(weights)
+        subs.append("...z")
+    return torch.einsum(",".join(subs) + f"->...{letters}", *operands)
+
+
+def cp_dense_fusion(
+    inputs: Sequence[Tensor | None],
+    dense: Tensor,
+    bias: Tensor | None = None,
+    append_one: bool = True,
+) -> Tensor:
+    """Contract a dense fusion tensor with the (augmented) inputs (TFN-style reference).
+
+    :param inputs: M tensors of shape ``(B, d_m)`` (``None``: mean input, as in
+        :func:`cp_project`).
+    :param dense: weight tensor of shape ``(..., d~_1, ..., d~_M, P)``.
+    :param bias: optional bias of shape ``(..., P)``.
+    :param append_one: whether to append the constant 1 to each input.
+    :returns: tensor of shape ``(..., B, P)``.
+    """
+    m = len(inputs)
+    sizes = dense.shape[-m - 1 : -1]
+    batch = next(x.shape[-2] for x in inputs if x is not None)
+    aug = []
+    for x, size in zip(inputs, sizes, strict=False):
+        if x is None:
+            x = dense.new_zeros(batch, size - int(append_one))
+        if append_one:
+            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+        aug.append(x)
+    letters = string.ascii_lowercase[:m]
+    subs = ",".join(f"B{c}" for c in letters) + f",...{letters}P->...BP"
+    out = torch.einsum(subs, *aug, dense)
+    if bias is not None:
+        out = out + bias.unsqueeze(-2)
+    return out
+
+
+def cp_component_norms(
+    factors: Sequence[Tensor], out_factor: Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """Frobenius norm of each rank-one component of the CP tensor.
+
+    ``||w_r u_1r o ... o u_Mr o u_out,r||_F = |w_r| prod_m ||u_mr|| * ||u_out,r||`` exactly, so
+    this is the size of what dropping component ``r`` removes from the weight tensor.
+
+    :returns: tensor of shape ``(..., R)``.
+    """
+    norms = out_factor.norm(dim=-2)
+    for factor in factors:
+        norms = norms * factor.norm(dim=-2)
+    if weights is not None:
+        norms = norms * weights.abs()
+    return norms
