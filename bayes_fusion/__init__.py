@@ -1,6 +1,11 @@
 """bayes_fusion: Bayesian low-rank tensor layers with automatic rank determination on Pyro."""
 
-from .layers import (
+__version__ = "0.1.0"
+
+from . import datasets, ops  # noqa: E402
+from .guides import GUIDES, make_guide, rank_layers  # noqa: E402
+from .infer import FitResult, NonFiniteLossError, fit, load  # noqa: E402
+from .layers import (  # noqa: E402
     CPFusion,
     DeterministicCPFusion,
     DeterministicXOXLinear,
@@ -11,21 +16,35 @@ from .layers import (
     cpfusion_values_from_tltorch,
     cpfusion_values_to_tltorch,
 )
-from .priors import HalfCauchyRankPrior, LogUniformRankPrior
-
-__version__ = "0.1.0"
+from .models import Classifier, Regressor  # noqa: E402
+from .priors import HalfCauchyRankPrior, LogUniformRankPrior  # noqa: E402
+from .rank import RankPosterior, effective_rank_draws, rank_posterior  # noqa: E402
 
 __all__ = [
     "CPFusion",
+    "Classifier",
     "DeterministicCPFusion",
     "DeterministicXOXLinear",
+    "FitResult",
+    "GUIDES",
     "HalfCauchyRankPrior",
     "LogUniformRankPrior",
+    "NonFiniteLossError",
     "RankLayer",
+    "RankPosterior",
+    "Regressor",
     "XOXLinear",
     "__version__",
     "cp_from_tltorch",
     "cp_to_tltorch",
     "cpfusion_values_from_tltorch",
     "cpfusion_values_to_tltorch",
+    "datasets",
+    "effective_rank_draws",
+    "fit",
+    "load",
+    "make_guide",
+    "ops",
+    "rank_layers",
+    "rank_posterior",
 ]

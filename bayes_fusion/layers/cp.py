@@ -164,6 +164,10 @@ class CPFusion(RankLayer):
             shapes["bias"] = (self.out_features,)
         return shapes
 
+    def scaled_sites(self) -> tuple[str, ...]:
+        """Short names of the factor sites whose columns have prior ``Normal(0, lam + eps)``."""
+        return tuple(f"factor_{m}" for m in range(self.num_modalities)) + ("out_factor",)
+
     def forward(self, inputs: Sequence[Tensor | None]) -> Tensor:
         """Sample the weights and fuse the modalities.
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_finite, check_float_tensor, check_positive_int
-from ..ops.xox import ORDERS, xox_gene_norms, xox_linear
+from ..ops.xox import ORDERS, xox_linear, xox_singular_values
 from .base import RankLayer, to_op_layout, validation_enabled
 
 
@@ -25,17 +25,18 @@ class XOXLinear(RankLayer):
     ======================  ================  ===========================================
     ``prefix.rank_scale``   ``(G,)``          ``HalfCauchy(eta)`` (or log-uniform)
     ``prefix.x_in``         ``(in, G)``       column g: ``Normal(0, lam_g + eps)``
-    ``prefix.core``         ``(G, G)``        ``Normal(0, 1)`` (the scale lives in the X's)
+    ``prefix.core``         ``(G, G)``        ``Normal(0, sqrt((lam_g + eps)(lam_h + eps)))``
     ``prefix.x_out``        ``(out, G)``      column g: ``Normal(0, lam_g + eps)``
     ``prefix.bias``         ``(out,)``        ``Normal(0, bias_scale)``
     ======================  ================  ===========================================
 
-    **ARD choice.** ``lambda_g`` scales column g of *both* ``X_in`` and ``X_out``, not the core:
-    gene g enters ``W`` only through those two columns (``O`` mixes genes but has a fixed unit
-    prior), so when ``lambda_g -> 0`` every term of ``W`` that involves gene g vanishes and the
-    gene can be removed (row and column g of ``O`` with it). Putting the scale on ``O`` as well
-    would only add a redundant scale symmetry. The fixed output scale ``s = 1 / G`` makes
-    ``std(W_ij) = lam_in lam_out`` under the prior (``G^2`` terms of variance ``1/G^2``).
+    **ARD choice.** ``lambda_g`` scales column g of ``X_in`` and ``X_out`` and, through
+    ``sqrt(lam_g lam_h)``, row and column g of the core, so when ``lambda_g -> 0`` every term of
+    ``W`` that involves gene g vanishes and the gene can be removed. Genes are identified only
+    up to invertible re-mixing (``X_in A^{-T}``, ``A O``, ... leave ``W`` unchanged), so the
+    *relevance* used for the effective rank is the set of singular values of ``W``
+    (:meth:`relevance`): the effective number of genes is the fewest genes that represent ``W``.
+    The fixed output scale ``s = 1 / G`` keeps ``std(W_ij)`` of order ``lam^2`` under the prior.
 
     The evaluation order (``"factored"`` or ``"dense"``) is chosen by FLOP count; see
     :func:`bayes_fusion.ops.xox_linear`.
@@ -100,6 +101,10 @@ class XOXLinear(RankLayer):
             shapes["bias"] = (self.out_features,)
         return shapes
 
+    def scaled_sites(self) -> tuple[str, ...]:
+        """Short names of the factor sites whose columns have prior ``Normal(0, lam + eps)``."""
+        return ("x_in", "x_out")
+
     def forward(self, x: Tensor) -> Tensor:
         """Sample the weights and apply the layer.
 
@@ -115,7 +120,7 @@ class XOXLinear(RankLayer):
             check_finite("x", x)
         scales = self._sample_scales()
         x_in = self._sample_scaled_factor("x_in", scales, self.in_features)
-        core_std = self.core_scale.to(scales.dtype).expand(self.genes, self.genes)
+        core_std = self._core_std(scales)
         core = pyro.sample(
             self.site_name("core"), dist.Normal(torch.zeros_like(core_std), core_std).to_event(2)
         )
@@ -132,6 +137,11 @@ class XOXLinear(RankLayer):
             bias=bias,
             order=self.order,
         )
+
+    def _core_std(self, scales: Tensor) -> Tensor:
+        """Prior std of the core: ``core_scale * sqrt((lam_g + eps)(lam_h + eps))``."""
+        s = (scales + self.scale_floor).sqrt()
+        return self.core_scale.to(scales.dtype) * s.unsqueeze(-1) * s.unsqueeze(-2)
 
     def init_values(self) -> dict[str, Tensor]:
         """Initial values: ``lambda = 1``, ``O ~ randn``, ``X ~ randn * sqrt(std_target)`` so
@@ -150,13 +160,39 @@ class XOXLinear(RankLayer):
         return values
 
     def relevance(self, values: dict[str, Tensor]) -> Tensor:
-        """Relevance of each gene: the Frobenius norm of everything it contributes to ``W``.
+        """Relevance of the bottleneck's components: the singular values of ``W`` (sorted).
+
+        Genes are only identified up to invertible re-mixing (``X_in A^{-T}``, ``A O`` ... give
+        the same ``W``), so per-gene norms depend on the gauge; the singular values do not.
+        The effective number of genes is the number of non-negligible singular values: the
+        fewest genes that represent ``W`` (see :meth:`compact_factors`).
 
         :param values: short site name -> tensor with leading draw dims.
-        :returns: tensor of shape ``(..., G)``.
+        :returns: tensor of shape ``(..., min(G, in, out))``.
         """
-        norms = xox_gene_norms(values["x_in"], values["core"], values["x_out"])
-        return norms * self.output_scale.to(norms.dtype)
+        sv = xox_singular_values(values["x_in"], values["core"], values["x_out"])
+        return sv * self.output_scale.to(sv.dtype)
+
+    def compact_factors(self, values: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
+        """Factors of an XOX map with ``rank`` genes closest to ``W`` (truncated SVD).
+
+        ``W ~ U_k S_k V_k^T`` is written as ``X_out = U_k S_k^{1/2}``, ``O = I_k``,
+        ``X_in = V_k S_k^{1/2}`` with output scale 1; exact when ``rank(W) <= rank``.
+
+        :param values: short site name -> tensor (one draw, no leading dims).
+        :returns: ``{"x_in": (in, k), "core": (k, k), "x_out": (out, k), "scale": 1.0}``.
+        """
+        from ..ops.xox import xox_to_dense
+
+        w = xox_to_dense(values["x_in"], values["core"], values["x_out"], self.output_scale)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = s[:rank].sqrt()
+        return {
+            "x_in": vh[:rank].transpose(-1, -2) * root,
+            "core": torch.eye(rank, dtype=w.dtype, device=w.device),
+            "x_out": u[:, :rank] * root,
+            "scale": 1.0,
+        }
 
     def num_parameters(self, rank: int | None = None) -> int:
         """Number of weights of a deterministic XOX layer with ``rank`` genes."""

@@ -7,6 +7,7 @@ from .xox import (
     xox_gene_norms,
     xox_init_scale,
     xox_linear,
+    xox_singular_values,
     xox_to_dense,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "xox_choose_order",
     "xox_flops",
     "xox_gene_norms",
+    "xox_singular_values",
     "xox_init_scale",
     "xox_linear",
     "xox_to_dense",

@@ -25,6 +25,7 @@ __all__ = [
     "xox_linear",
     "xox_to_dense",
     "xox_gene_norms",
+    "xox_singular_values",
     "xox_init_scale",
     "ORDERS",
 ]
@@ -124,6 +125,21 @@ def xox_gene_norms(x_in: Tensor, core: Tensor, x_out: Tensor) -> Tensor:
         + 2 * (a * c).sum(-2) * (b * d).sum(-2)
     )
     return sq.clamp_min(0).sqrt()
+
+
+def xox_singular_values(x_in: Tensor, core: Tensor, x_out: Tensor) -> Tensor:
+    """Singular values of ``W = X_out O X_in^T`` (descending) without forming ``W``.
+
+    With thin QR factorizations ``X = Q R``, ``W = Q_out (R_out O R_in^T) Q_in^T`` and the
+    ``G x G`` middle matrix has the same singular values as ``W``. Invariant to every
+    invertible re-mixing of the genes (``X_in A^{-T}``, ``A O``...), unlike per-gene norms.
+
+    :returns: tensor of shape ``(..., min(G, in, out))``.
+    """
+    r_in = torch.linalg.qr(x_in, mode="r").R
+    r_out = torch.linalg.qr(x_out, mode="r").R
+    middle = torch.matmul(torch.matmul(r_out, core), r_in.transpose(-1, -2))
+    return torch.linalg.svdvals(middle)
 
 
 def xox_init_scale(

@@ -75,7 +75,8 @@ def test_xox_sites_and_priors():
     torch.testing.assert_close(
         sites["x_out"]["fn"].base_dist.scale, (lam + layer.scale_floor).expand(5, 3)
     )
-    torch.testing.assert_close(sites["core"]["fn"].base_dist.scale, torch.ones(3, 3))
+    root = (lam + layer.scale_floor).sqrt()
+    torch.testing.assert_close(sites["core"]["fn"].base_dist.scale, root[:, None] * root[None])
 
 
 @pytest.mark.parametrize("append_one", [True, False])

@@ -1,0 +1,108 @@
+"""Synthetic data with a known answer: a CP fusion of known rank, an XOX map with known genes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .._checks import check_positive_float, check_positive_int
+from ..ops.cp import cp_fusion
+from ..ops.xox import xox_linear
+
+
+@dataclass
+class SyntheticData:
+    """Inputs, targets and the ground truth that generated them.
+
+    :ivar inputs: list of ``(N, d_m)`` tensors (CP) or one ``(N, in)`` tensor (XOX).
+    :ivar y: targets ``(N, P)``.
+    :ivar true_rank: the number of components (CP) or active genes (XOX).
+    :ivar noise: the noise std.
+    :ivar truth: the generating factors.
+    """
+
+    inputs: list[Tensor] | Tensor
+    y: Tensor
+    true_rank: int
+    noise: float
+    truth: dict[str, Tensor] = field(default_factory=dict)
+
+    def split(self, num_train: int) -> tuple[SyntheticData, SyntheticData]:
+        """Split rows into ``(train, test)`` at ``num_train``."""
+
+        def take(sl):
+            inputs = (
+                [x[sl] for x in self.inputs] if isinstance(self.inputs, list) else self.inputs[sl]
+            )
+            return SyntheticData(inputs, self.y[sl], self.true_rank, self.noise, self.truth)
+
+        return take(slice(0, num_train)), take(slice(num_train, None))
+
+
+def make_cp_regression(
+    in_features: Sequence[int] = (8, 12, 10),
+    out_features: int = 6,
+    rank: int = 3,
+    num_data: int = 2000,
+    noise: float = 0.1,
+    append_one: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> SyntheticData:
+    """Regression data from a CP fusion of known rank.
+
+    Inputs ``x_m ~ N(0, I)``; factors ``U_m ~ N(0, 1/d~_m)`` (each projection is O(1));
+    ``U_out`` columns are scaled so that every component carries a similar share of the output
+    variance and ``Var(y) ~ 1``; ``y = fusion(x) + noise * N(0, I)``.
+
+    :returns: :class:`SyntheticData` with ``true_rank = rank``.
+    """
+    check_positive_int("rank", rank)
+    check_positive_int("num_data", num_data)
+    check_positive_float("noise", noise)
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"generator": gen, "dtype": torch.float64}
+    rows = [d + int(append_one) for d in in_features]
+    factors = [torch.randn(r, rank, **kw) / math.sqrt(r) for r in rows]
+    out_factor = torch.randn(out_features, rank, **kw) / math.sqrt(rank)
+    inputs = [torch.randn(num_data, d, **kw) for d in in_features]
+    clean = cp_fusion(inputs, factors, out_factor, append_one=append_one)
+    scale = clean.std()
+    out_factor = out_factor / scale
+    clean = clean / scale
+    y = clean + noise * torch.randn(clean.shape, **kw)
+    truth = {f"factor_{m}": f.to(dtype) for m, f in enumerate(factors)}
+    truth["out_factor"] = out_factor.to(dtype)
+    return SyntheticData([x.to(dtype) for x in inputs], y.to(dtype), rank, noise, truth)
+
+
+def make_xox_regression(
+    in_features: int = 20,
+    out_features: int = 10,
+    genes: int = 3,
+    num_data: int = 2000,
+    noise: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> SyntheticData:
+    """Regression data ``y = x W^T + noise`` with ``W = X_out O X_in^T`` of ``genes`` genes.
+
+    :returns: :class:`SyntheticData` with ``true_rank = genes``.
+    """
+    check_positive_int("genes", genes)
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"generator": gen, "dtype": torch.float64}
+    x_in = torch.randn(in_features, genes, **kw)
+    core = torch.randn(genes, genes, **kw)
+    x_out = torch.randn(out_features, genes, **kw)
+    x = torch.randn(num_data, in_features, **kw)
+    clean = xox_linear(x, x_in, core, x_out)
+    scale = clean.std()
+    clean = clean / scale
+    y = clean + noise * torch.randn(clean.shape, **kw)
+    truth = {"x_in": x_in.to(dtype), "core": (core / scale).to(dtype), "x_out": x_out.to(dtype)}
+    return SyntheticData(x.to(dtype), y.to(dtype), genes, noise, truth)

@@ -1,0 +1,166 @@
+"""Likelihood models: a layer, a likelihood and a data plate that owns the dataset size."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor
+
+from ._checks import check_finite, check_positive_float, check_positive_int
+from .layers.base import to_op_layout
+
+
+def check_data_inputs(inputs) -> int:
+    """Check the model-level inputs (exactly 2-D ``(N, d)`` tensors) and return ``N``.
+
+    :param inputs: a ``(N, d)`` tensor or a list of them (``None`` allowed for a missing
+        modality).
+    """
+    tensors = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    rows = None
+    for m, x in enumerate(tensors):
+        name = f"inputs[{m}]" if isinstance(inputs, (list, tuple)) else "inputs"
+        if x is None:
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"{name}: expected a torch.Tensor of shape (N, d), got {type(x).__name__} "
+                "(convert NumPy arrays with torch.as_tensor(x, dtype=torch.float32))"
+            )
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor (N, d), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: expected at least one row, got an empty batch")
+        rows = x.shape[0] if rows is None else rows
+    if rows is None:
+        raise ValueError("inputs: expected at least one tensor that is not None, got none")
+    return rows
+
+
+class _Likelihood(PyroModule):
+    """A layer + a likelihood over the rows of the data, in a plate of the dataset size.
+
+    :param layer: any (Pyro)module mapping ``inputs`` to ``(..., N, P)`` predictions.
+    :param num_data: full dataset size for minibatch scaling (``None``: the batch is the full
+        dataset). :func:`bayes_fusion.fit` sets it when ``batch_size`` is given.
+    """
+
+    def __init__(self, layer: torch.nn.Module, num_data: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(layer, torch.nn.Module):
+            raise TypeError(f"layer: expected a torch.nn.Module, got {type(layer).__name__}")
+        self.layer = layer
+        self.num_data = None if num_data is None else check_positive_int("num_data", num_data)
+
+    def _plate(self, rows: int, observed: bool):
+        size = self.num_data if (observed and self.num_data is not None) else rows
+        if size < rows:
+            raise ValueError(f"num_data: expected >= the batch size {rows}, got {size}")
+        if size == rows:
+            return pyro.plate("data", rows, dim=-1)
+        # minibatch: the likelihood is scaled by num_data / rows
+        return pyro.plate("data", size, subsample=torch.arange(rows), dim=-1)
+
+
+class Regressor(_Likelihood):
+    """Gaussian regression ``y ~ Normal(layer(inputs), sigma)`` with learned per-output noise.
+
+    Sites: the layer's sites (prefixed ``layer.``), ``noise`` ``(P,)`` with a weakly-informative
+    ``HalfNormal(noise_prior_scale)`` prior (for standardized targets), and the observed
+    ``obs`` ``(N, P)`` inside the plate ``data``. ``forward`` returns the mean prediction.
+
+    :param layer: rank-bearing layer (or any module) producing ``(..., N, P)``.
+    :param num_data: see :class:`_Likelihood`.
+    :param noise_prior_scale: scale of the half-normal noise prior (``> 0``).
+
+    Example::
+
+        >>> import torch, bayes_fusion as bf
+        >>> model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=4))
+        >>> model([torch.randn(5, 3), torch.randn(5, 4)]).shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        layer: torch.nn.Module,
+        num_data: int | None = None,
+        noise_prior_scale: float = 1.0,
+    ) -> None:
+        super().__init__(layer, num_data)
+        self.register_buffer(
+            "noise_prior_scale",
+            torch.tensor(check_positive_float("noise_prior_scale", noise_prior_scale)),
+        )
+
+    def forward(self, inputs, y: Tensor | None = None) -> Tensor:
+        """:param inputs: ``(N, d)`` tensor or list of them. :param y: targets ``(N, P)`` or
+        ``(N,)`` when ``P == 1``. :returns: the mean prediction ``(..., N, P)``."""
+        rows = check_data_inputs(inputs)
+        pred = self.layer(inputs)
+        out = pred.shape[-1]
+        if y is not None:
+            y = self._check_targets(y, rows, out, pred.dtype)
+        scale = self.noise_prior_scale.to(pred.dtype).expand(out)
+        noise = pyro.sample("noise", dist.HalfNormal(scale).to_event(1))
+        noise = to_op_layout(noise, 1).unsqueeze(-2)
+        with self._plate(rows, y is not None):
+            pyro.sample("obs", dist.Normal(pred, noise).to_event(1), obs=y)
+        return pred
+
+    @staticmethod
+    def _check_targets(y, rows: int, out: int, dtype: torch.dtype) -> Tensor:
+        if not isinstance(y, Tensor):
+            raise TypeError(
+                f"y: expected a torch.Tensor of shape ({rows}, {out}), got {type(y).__name__}"
+            )
+        if not torch.is_floating_point(y):
+            raise TypeError(f"y: expected a floating-point tensor, got dtype {y.dtype}")
+        if y.dim() == 1 and out == 1:
+            y = y.unsqueeze(-1)
+        if tuple(y.shape) != (rows, out):
+            raise ValueError(f"y: expected shape ({rows}, {out}), got {tuple(y.shape)}")
+        if y.dtype != dtype:
+            raise TypeError(f"y: expected dtype {dtype} like the predictions, got {y.dtype}")
+        return check_finite("y", y)
+
+
+class Classifier(_Likelihood):
+    """Classification ``y ~ Categorical(logits=layer(inputs))``.
+
+    Sites: the layer's sites and the observed ``obs`` ``(N,)`` in the plate ``data``.
+    ``forward`` returns the logits ``(..., N, C)``.
+
+    :param layer: module producing ``(..., N, C)`` logits.
+    :param num_data: see :class:`_Likelihood`.
+    """
+
+    def forward(self, inputs, y: Tensor | None = None) -> Tensor:
+        """:param inputs: ``(N, d)`` tensor or list of them. :param y: integer labels ``(N,)``
+        in ``[0, C)``. :returns: logits ``(..., N, C)``."""
+        rows = check_data_inputs(inputs)
+        logits = self.layer(inputs)
+        if y is not None:
+            y = self._check_labels(y, rows, logits.shape[-1])
+        with self._plate(rows, y is not None):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        return logits
+
+    @staticmethod
+    def _check_labels(y, rows: int, classes: int) -> Tensor:
+        if not isinstance(y, Tensor):
+            raise TypeError(
+                f"y: expected a torch.Tensor of shape ({rows},), got {type(y).__name__}"
+            )
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+            raise TypeError(f"y: expected integer class labels, got dtype {y.dtype}")
+        if tuple(y.shape) != (rows,):
+            raise ValueError(f"y: expected shape ({rows},), got {tuple(y.shape)}")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(
+                f"y: expected labels in [0, {classes - 1}], got values in [{lo}, {hi}]"
+            )
+        return y.long()

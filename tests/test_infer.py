@@ -1,0 +1,253 @@
+"""fit() / FitResult on small problems (fast); the known-answer tests live in
+test_rank_recovery.py."""
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+import bayes_fusion as bf
+from bayes_fusion.datasets import make_cp_regression
+
+GUIDES = ["map", "meanfield", "lowrank", "full"]
+
+
+@pytest.fixture
+def small():
+    data = make_cp_regression((3, 4), 2, rank=2, num_data=120, noise=0.1, seed=1)
+    return data
+
+
+def _model(max_rank=4):
+    return bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=max_rank))
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_fit_every_guide_reduces_loss(small, guide):
+    res = bf.fit(_model(), small.inputs, small.y, guide=guide, num_steps=150, progress=False)
+    assert len(res.losses) == 150
+    assert all(math.isfinite(v) for v in res.losses)
+    assert sum(res.losses[-10:]) < sum(res.losses[:10])
+    draws = res.posterior_samples(num_samples=7)
+    assert draws["layer.factor_0"].shape == (7, 4, 4)
+    assert draws["layer.rank_scale"].shape == (7, 4)
+    pred = res.predict(small.inputs, num_samples=20)
+    assert pred["mean"].shape == pred["std"].shape == pred["lower"].shape == (120, 2)
+    assert (pred["lower"] <= pred["upper"]).all()
+
+
+def test_same_seed_same_result_different_seed_different(small):
+    a = bf.fit(_model(), small.inputs, small.y, num_steps=50, seed=3, progress=False)
+    b = bf.fit(_model(), small.inputs, small.y, num_steps=50, seed=3, progress=False)
+    c = bf.fit(_model(), small.inputs, small.y, num_steps=50, seed=4, progress=False)
+    assert a.losses == b.losses
+    assert a.losses != c.losses
+
+
+def test_vectorized_particles_and_jit(small):
+    res = bf.fit(_model(), small.inputs, small.y, num_steps=30, num_particles=4, progress=False)
+    assert all(math.isfinite(v) for v in res.losses)
+    res = bf.fit(_model(), small.inputs, small.y, num_steps=30, jit=True, progress=False)
+    assert all(math.isfinite(v) for v in res.losses)
+
+
+def test_minibatch_sets_num_data(small):
+    model = _model()
+    res = bf.fit(model, small.inputs, small.y, num_steps=20, batch_size=40, progress=False)
+    assert model.num_data == 120 and len(res.losses) == 20
+
+
+def test_early_stopping_and_callback(small):
+    seen = []
+    res = bf.fit(
+        _model(),
+        small.inputs,
+        small.y,
+        num_steps=5000,
+        early_stopping=20,
+        early_stopping_tol=0.05,
+        progress=False,
+    )
+    assert len(res.losses) < 5000
+    res = bf.fit(
+        _model(),
+        small.inputs,
+        small.y,
+        num_steps=100,
+        progress=False,
+        callback=lambda step, loss: seen.append(step) or step == 9,
+    )
+    assert seen == list(range(10)) and len(res.losses) == 10
+
+
+def test_user_guide_class_and_instance(small):
+    res = bf.fit(_model(), small.inputs, small.y, guide=AutoNormal, num_steps=20, progress=False)
+    assert res.method == "custom"
+    model = _model()
+    res = bf.fit(
+        model, small.inputs, small.y, guide=AutoNormal(model), num_steps=20, progress=False
+    )
+    assert len(res.losses) == 20
+
+
+def test_nan_loss_stops_with_step_and_site(small):
+    def poison(step, loss):
+        if step == 4:
+            store = pyro.get_param_store()
+            for name in store.keys():
+                if "factor_0" in name and "loc" in name:
+                    store[name].data.fill_(float("nan"))
+
+    with pytest.raises(bf.NonFiniteLossError, match=r"step 5.*factor_0"):
+        bf.fit(_model(), small.inputs, small.y, num_steps=50, callback=poison, progress=False)
+
+
+def test_full_guide_refuses_large_models(monkeypatch, small):
+    monkeypatch.setattr(bf.guides, "FULL_COVARIANCE_MAX_DIM", 10)
+    with pytest.raises(ValueError, match="guide: 'full' needs a dense .* use guide='lowrank'"):
+        bf.fit(_model(), small.inputs, small.y, guide="full", num_steps=2, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(guide="laplace"), ValueError, r"guide: expected one of .*got 'laplace'"),
+        (dict(num_steps=0), ValueError, r"num_steps: expected an integer >= 1, got 0"),
+        (dict(lr=-0.1), ValueError, r"lr: expected a finite number > 0, got -0.1"),
+        (dict(lr=0), ValueError, r"lr: expected a finite number > 0"),
+        (dict(num_particles=0), ValueError, r"num_particles: expected an integer >= 1"),
+        (dict(batch_size=0), ValueError, r"batch_size: expected an integer >= 1"),
+        (dict(seed="a"), TypeError, r"seed: expected an int or None"),
+        (dict(guide=3), TypeError, r"guide: expected a name"),
+        (dict(foo=1), TypeError, r"fit: unexpected keyword arguments \['foo'\]"),
+        (dict(guide="nuts", num_samples=0), ValueError, r"num_samples: expected an integer >= 1"),
+        (dict(guide="nuts", num_chains=0), ValueError, r"num_chains: expected an integer >= 1"),
+    ],
+)
+def test_fit_bad_arguments(small, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        bf.fit(_model(), small.inputs, small.y, progress=False, **kwargs)
+
+
+def test_fit_refuses_nan_data(small):
+    y = small.y.clone()
+    y[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"args\[1\]: expected finite values, got 1 NaN"):
+        bf.fit(_model(), small.inputs, y, num_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_save_load_predict_identical(tmp_path, small, guide):
+    res = bf.fit(_model(), small.inputs, small.y, guide=guide, num_steps=30, progress=False)
+    path = tmp_path / "fit.pt"
+    res.save(path)
+    pyro.clear_param_store()
+    loaded = bf.load(path, _model())
+    a = res.predict(small.inputs, num_samples=10, seed=1)
+    b = loaded.predict(small.inputs, num_samples=10, seed=1)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert loaded.losses == res.losses
+
+
+def test_resume_continues_loss_curve(tmp_path, small):
+    full = bf.fit(_model(), small.inputs, small.y, num_steps=60, seed=2, progress=False)
+    ckpt = tmp_path / "ckpt.pt"
+    part = bf.fit(
+        _model(),
+        small.inputs,
+        small.y,
+        num_steps=60,
+        seed=2,
+        progress=False,
+        checkpoint_path=ckpt,
+        checkpoint_every=30,
+        callback=lambda step, loss: step == 29,
+    )
+    assert len(part.losses) == 30
+    resumed = bf.fit(
+        _model(), small.inputs, small.y, num_steps=60, seed=2, progress=False, resume=ckpt
+    )
+    assert len(resumed.losses) == 60
+    assert resumed.losses[:30] == full.losses[:30]
+    assert resumed.losses[30:] == pytest.approx(full.losses[30:], rel=1e-5)
+
+
+def test_load_errors(tmp_path, small):
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        bf.load(tmp_path / "missing.pt", _model())
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable bayes_fusion checkpoint"):
+        bf.load(bad, _model())
+    res = bf.fit(_model(), small.inputs, small.y, num_steps=5, progress=False)
+    good = tmp_path / "good.pt"
+    res.save(good)
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        bf.load(truncated, _model())
+    with pytest.raises(ValueError, match="model: "):
+        bf.load(good, _model(max_rank=5))
+
+
+def test_user_model_with_hierarchical_intercept_fit_and_plain_svi(small):
+    groups = torch.arange(120) % 3
+
+    class GroupModel(pyro.nn.PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fusion = bf.CPFusion((3, 4), 2, max_rank=4)
+
+        def forward(self, inputs, group, y=None):
+            tau = pyro.sample("tau", dist.HalfNormal(1.0))
+            with pyro.plate("groups", 3):
+                b = pyro.sample("intercept", dist.Normal(0.0, tau))
+            pred = self.fusion(inputs) + b[..., group].unsqueeze(-1)
+            with pyro.plate("data", group.shape[0]):
+                pyro.sample("obs", dist.Normal(pred, 0.1).to_event(1), obs=y)
+            return pred
+
+    y = small.y + torch.tensor([-1.0, 0.0, 1.0])[groups].unsqueeze(-1)
+    res = bf.fit(GroupModel(), small.inputs, groups, y, num_steps=300, progress=False)
+    draws = res.posterior_samples(50)
+    assert draws["intercept"].shape == (50, 3)
+    b = draws["intercept"].mean(0)
+    assert b[2] - b[0] == pytest.approx(2.0, abs=0.5)
+    assert bf.rank_posterior(res, num_samples=50)["fusion"].max_rank == 4
+
+    pyro.clear_param_store()
+    model = GroupModel()
+    guide = bf.make_guide("meanfield", model)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.03}), pyro.infer.Trace_ELBO())
+    losses = [svi.step(small.inputs, groups, y) for _ in range(200)]
+    assert losses[-1] < losses[0]
+
+
+def test_nuts_small_runs_and_diagnoses(small):
+    res = bf.fit(
+        bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3)),
+        small.inputs,
+        small.y,
+        guide="nuts",
+        num_samples=30,
+        warmup_steps=30,
+        num_chains=1,
+        init_steps=100,
+        progress=False,
+    )
+    draws = res.posterior_samples()
+    assert draws["layer.factor_0"].shape == (30, 4, 3)
+    assert res.posterior_samples(group_by_chain=True)["layer.rank_scale"].shape == (1, 30, 3)
+    with warnings.catch_warnings():  # a 30-step warm-up is too short to be healthy
+        warnings.simplefilter("ignore", RuntimeWarning)
+        diag = res.diagnostics()
+    assert "layer.rank_scale (sorted)" in diag["r_hat"]
+    pred = res.predict(small.inputs)
+    assert pred["mean"].shape == (120, 2)
+    with pytest.raises(ValueError, match="diagnostics: expected an MCMC"):
+        bf.fit(_model(), small.inputs, small.y, num_steps=2, progress=False).diagnostics()
