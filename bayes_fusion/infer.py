@@ -681,7 +681,7 @@ def _fit_nuts(
     progress,
     reparam=True,
     init="map",
-    init_steps=500,
+    init_steps=2000,
     jit_compile=False,
     max_tree_depth=8,
     target_accept_prob=0.8,

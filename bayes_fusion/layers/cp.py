@@ -19,8 +19,12 @@ def check_modalities(
     layer: str = "inputs",
     min_dim: int = 2,
     max_dim: int | None = None,
+    check_values: bool | None = None,
 ) -> list[Tensor | None]:
     """Validate a list of modality tensors against the expected feature sizes.
+
+    :param check_values: also refuse NaN/inf (one device sync per modality); default: when
+        Pyro validation is enabled.
 
     :returns: the inputs as a list.
     """
@@ -55,7 +59,7 @@ def check_modalities(
             raise TypeError(
                 f"{layer}[{m}]: expected dtype {dtype} like the first modality, got {x.dtype}"
             )
-        if validation_enabled():
+        if validation_enabled() if check_values is None else check_values:
             check_finite(f"{layer}[{m}]", x)
     if batch_shape is None:
         raise ValueError(f"{layer}: expected at least one modality that is not None, got none")

@@ -1,0 +1,390 @@
+"""Benchmark suite: every figure is a ratio against a baseline measured in the same run.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] --out DIR
+
+Writes ``DIR/results.md`` (table) and ``DIR/results.json``. Times are medians over repeats;
+the spread is the inter-quartile range relative to the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baselines import (  # noqa: E402
+    HandMAP,
+    SeedLowRankFusion,
+    bare_cp_matmuls,
+    dense_tensor_fusion,
+)
+
+import bayes_fusion as bf  # noqa: E402
+from bayes_fusion.infer import _svi_step  # noqa: E402
+from bayes_fusion.ops import cp_fusion, xox_choose_order, xox_linear  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, reps, repeat, warmup=3):
+    """Median seconds per call of ``fn`` and the relative IQR over ``repeat`` batches."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / reps)
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
+    return med, (q[-1] - q[0]) / med
+
+
+class Report:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, group, name, seconds, spread, baseline=None, target=None, note=""):
+        ratio = None if baseline is None else seconds / baseline
+        self.rows.append(
+            {
+                "group": group,
+                "name": name,
+                "ms": seconds * 1e3,
+                "spread": spread,
+                "ratio": ratio,
+                "target": target,
+                "note": note,
+            }
+        )
+        shown = f"{ratio:.2f}x" if ratio is not None else "-"
+        print(
+            f"[{group}] {name}: {seconds * 1e3:.3f} ms (+-{spread:.0%}) ratio {shown} {note}",
+            flush=True,
+        )
+
+    def markdown(self, meta):
+        lines = [
+            "# bayes_fusion benchmarks",
+            "",
+            "Ratios are against the baseline named in the case, measured in the same run.",
+            "The memory row's 'time' column is MB.",
+            "",
+            "| " + " | ".join(f"{k}: {v}" for k, v in meta.items()) + " |",
+            "",
+            "| group | case | time (ms) | spread | ratio | target | met |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+            target = r["target"] or "-"
+            met = "-"
+            if r["target"] and r["ratio"] is not None:
+                bound = float(r["target"].lstrip("<=").rstrip("x"))
+                met = "yes" if r["ratio"] <= bound else f"no (+{r['ratio'] / bound - 1:.0%})"
+            name = r["name"] + (f" ({r['note']})" if r["note"] else "")
+            lines.append(
+                f"| {r['group']} | {name} | {r['ms']:.3f} | {r['spread']:.0%} | "
+                f"{ratio} | {target} | {met} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+def bench_cp_forward(rep, device, quick):
+    sizes, out, rank, batch = (128, 32, 32), 128, 16, 256
+    reps, repeat = (20, 5) if quick else (100, 15)
+    kw = {"device": device}
+    xs = [torch.randn(batch, d, **kw) for d in sizes]
+    seed = SeedLowRankFusion(sizes, out, rank).to(device)
+    factors = [f.detach() for f in seed.weight_tensor.factors[:-1]]
+    out_f = seed.weight_tensor.factors[-1].detach()
+    ones = [torch.randn(d + 1, rank, **kw) for d in sizes]
+    det = bf.DeterministicCPFusion(sizes, out, rank, append_one=False, bias=False).to(device)
+    with torch.no_grad():
+        t_seed = timeit(lambda: seed(xs), device, reps, repeat)
+        t_bare = timeit(lambda: bare_cp_matmuls(xs, factors, out_f), device, reps, repeat)
+        t_op = timeit(lambda: cp_fusion(xs, factors, out_f, append_one=False), device, reps, repeat)
+        t_op1 = timeit(lambda: cp_fusion(xs, ones, out_f), device, reps, repeat)
+        t_det = timeit(lambda: det(xs), device, reps, repeat)
+    g = "CP forward (128,32,32)->128 R16 B256"
+    rep.add(g, "seed LowRankFusion", *t_seed)
+    rep.add(g, "bare matmuls", *t_bare)
+    rep.add(g, "ops.cp_fusion vs seed", *t_op, baseline=t_seed[0], target="<=1.0x")
+    rep.add(g, "ops.cp_fusion vs bare", *t_op, baseline=t_bare[0], target="<=1.3x")
+    rep.add(
+        g,
+        "ops.cp_fusion append_one vs seed",
+        *t_op1,
+        baseline=t_seed[0],
+        note="more work: constant rows",
+    )
+    rep.add(
+        g,
+        "DeterministicCPFusion vs seed",
+        *t_det,
+        baseline=t_seed[0],
+        target="<=1.0x",
+        note="input checks incl.",
+    )
+    if not quick:
+        dense = torch.randn(*sizes, out, **kw)
+        with torch.no_grad():
+            t_dense = timeit(lambda: dense_tensor_fusion(xs, dense), device, 3, 5)
+        rep.add(
+            g,
+            "dense tensor fusion (TFN) vs ops",
+            *t_dense,
+            baseline=t_op[0],
+            note="the dense weight has 16.8M entries",
+        )
+
+    # forward + backward
+    fparams = [f.clone().requires_grad_() for f in factors]
+    oparam = out_f.clone().requires_grad_()
+
+    def fb_op():
+        cp_fusion(xs, fparams, oparam, append_one=False).sum().backward()
+
+    def fb_seed():
+        seed(xs).sum().backward()
+
+    def fb_bare():
+        bare_cp_matmuls(xs, fparams, oparam).sum().backward()
+
+    t_seed = timeit(fb_seed, device, reps, repeat)
+    t_bare = timeit(fb_bare, device, reps, repeat)
+    t_op = timeit(fb_op, device, reps, repeat)
+    g = "CP forward+backward (128,32,32)->128 R16 B256"
+    rep.add(g, "seed LowRankFusion", *t_seed)
+    rep.add(g, "ops.cp_fusion vs seed", *t_op, baseline=t_seed[0], target="<=1.0x")
+    rep.add(g, "ops.cp_fusion vs bare", *t_op, baseline=t_bare[0], target="<=1.3x")
+
+
+MEMORY_SNIPPET = r"""
+import re, torch
+from bayes_fusion.ops import cp_fusion
+
+def rss(key):  # MB, from /proc/self/status (VmHWM = peak resident set since last reset)
+    text = open("/proc/self/status").read()
+    return int(re.search(key + r":\s+(\d+) kB", text).group(1)) / 1024
+
+torch.manual_seed(0)
+sizes, out, rank, batch = (512, 512, 512), 64, 16, 256
+xs = [torch.randn(batch, d) for d in sizes]
+fs = [torch.randn(d + 1, rank) for d in sizes]
+fo = torch.randn(out, rank)
+with torch.no_grad():
+    cp_fusion([x[:2] for x in xs], fs, fo)  # warm up kernels on tiny inputs
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS counter
+    before = rss("VmRSS")
+    y = cp_fusion(xs, fs, fo)
+    print(rss("VmHWM") - before)
+"""
+
+
+def bench_cp_memory(rep, device):
+    g = "CP forward memory (512,512,512)->64 R16 B256"
+    if device.type == "cuda":
+        sizes, out, rank, batch = (512, 512, 512), 64, 16, 256
+        xs = [torch.randn(batch, d, device=device) for d in sizes]
+        fs = [torch.randn(d + 1, rank, device=device) for d in sizes]
+        fo = torch.randn(out, rank, device=device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            cp_fusion(xs, fs, fo)
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-c", MEMORY_SNIPPET], capture_output=True, text=True, check=True
+        )
+        peak_mb = float(proc.stdout.split()[0])
+    dense_gb = 513**3 * 64 * 4 / 2**30
+    rep.rows.append(
+        {
+            "group": g,
+            "name": "peak extra memory (MB)",
+            "ms": peak_mb,
+            "spread": 0.0,
+            "ratio": peak_mb / 200.0,
+            "target": "<=1.0x",
+            "note": f"ratio vs the 200 MB budget; dense weight would be {dense_gb:.0f} GB",
+        }
+    )
+    print(f"[{g}] peak {peak_mb:.3f} MB (dense weight {dense_gb:.0f} GB)", flush=True)
+
+
+def bench_xox(rep, device, quick):
+    i = o = 1024
+    genes, batch = 64, 256
+    reps, repeat = (20, 5) if quick else (100, 15)
+    kw = {"device": device}
+    x = torch.randn(batch, i, **kw)
+    lin = torch.nn.Linear(i, o).to(device)
+    x_in, core, x_out = (
+        torch.randn(i, genes, **kw),
+        torch.randn(genes, genes, **kw),
+        torch.randn(o, genes, **kw),
+    )
+    bias = torch.randn(o, **kw)
+    g = "XOX forward 1024->1024 G64 B256"
+    with torch.no_grad():
+        t_lin = timeit(lambda: lin(x), device, reps, repeat)
+        rep.add(g, "nn.Linear", *t_lin)
+        for order in ("factored", "dense", "auto"):
+            t = timeit(
+                lambda order=order: xox_linear(x, x_in, core, x_out, 1.0, bias, order),
+                device,
+                reps,
+                repeat,
+            )
+            note = f"auto picks {xox_choose_order(batch, i, o, genes)}" if order == "auto" else ""
+            rep.add(
+                g,
+                f"xox {order} vs nn.Linear",
+                *t,
+                baseline=t_lin[0],
+                target="<=1.0x" if order == "auto" else None,
+                note=note,
+            )
+
+
+def bench_svi(rep, device, quick):
+    """Per-step cost of fit()'s SVI step vs a hand-written plain-torch MAP loop."""
+    sizes, out, rank, batch = (128, 32, 32), 128, 16, 256
+    reps, repeat = (10, 5) if quick else (30, 9)
+    kw = {"device": device}
+    xs = [torch.randn(batch, d, **kw) for d in sizes]
+    y = torch.randn(batch, out, **kw)
+    g = "SVI step (128,32,32)->128 R16 B256"
+
+    hand = HandMAP(sizes, out, rank).to(device)
+    opt = torch.optim.Adam(hand.parameters(), lr=0.01)
+
+    def hand_step():
+        opt.zero_grad()
+        hand.loss(xs, y).backward()
+        opt.step()
+
+    t_hand = timeit(hand_step, device, reps, repeat)
+    rep.add(g, "hand-written MAP loop (torch Adam)", *t_hand)
+
+    def svi_for(guide, num_particles=1, jit=False, validate=False):
+        pyro.clear_param_store()
+        pyro.enable_validation(validate)
+        model = bf.Regressor(bf.CPFusion(sizes, out, rank)).to(device)
+        g_obj = bf.make_guide(guide, model, xs, y)
+        elbo_cls = pyro.infer.JitTrace_ELBO if jit else pyro.infer.Trace_ELBO
+        elbo = elbo_cls(
+            num_particles=num_particles,
+            vectorize_particles=num_particles > 1,
+            **({"ignore_jit_warnings": True} if jit else {}),
+        )
+        svi = pyro.infer.SVI(model, g_obj, pyro.optim.ClippedAdam({"lr": 0.01}), elbo)
+        return lambda: _svi_step(svi, (xs, y))
+
+    cases = [
+        ("map", 1, False, "<=1.2x"),
+        ("meanfield", 1, False, "<=1.5x"),
+        ("lowrank", 1, False, "<=2.0x"),
+        ("map", 1, True, None),
+        ("meanfield", 1, True, None),
+    ]
+    results = {}
+    for guide, particles, jit, target in cases:
+        t = timeit(svi_for(guide, particles, jit), device, reps, repeat)
+        results[(guide, particles, jit)] = t
+        name = f"fit step {guide}" + (" JitTrace_ELBO" if jit else "")
+        rep.add(g, name + " vs hand loop", *t, baseline=t_hand[0], target=target)
+    t_val = timeit(svi_for("map", validate=True), device, reps, repeat)
+    rep.add(g, "fit step map with Pyro validation on vs hand loop", *t_val, baseline=t_hand[0])
+    t8 = timeit(svi_for("meanfield", 8), device, reps, repeat)
+    rep.add(
+        g,
+        "meanfield 8 vectorized particles vs 1",
+        *t8,
+        baseline=results[("meanfield", 1, False)][0],
+        target="<=3.0x",
+    )
+    pyro.enable_validation(True)
+
+
+def machine(device):
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="few repeats (smoke/CI)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="subset: cp_forward cp_memory xox svi"
+    )
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    rep = Report()
+    t0 = time.perf_counter()
+    todo = args.only or ["cp_forward", "cp_memory", "xox", "svi"]
+    if "cp_forward" in todo:
+        bench_cp_forward(rep, device, args.quick)
+    if "cp_memory" in todo:
+        bench_cp_memory(rep, device)
+    if "xox" in todo:
+        bench_xox(rep, device, args.quick)
+    if "svi" in todo:
+        bench_svi(rep, device, args.quick)
+    meta = machine(device)
+    meta["quick"] = args.quick
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "results.md").write_text(rep.markdown(meta))
+    (out / "results.json").write_text(json.dumps({"machine": meta, "rows": rep.rows}, indent=1))
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return rep
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The benchmark suite runs in quick mode and writes its table (speeds are not asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmarks_quick_writes_table(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "results.md").read_text()
+    assert "| group | case |" in table
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    groups = {r["group"] for r in rows}
+    assert any(g.startswith("CP forward (") for g in groups)
+    assert any(g.startswith("CP forward memory") for g in groups)
+    assert any(g.startswith("XOX forward") for g in groups)
+    assert any(g.startswith("SVI step") for g in groups)
+    assert all(r["ms"] >= 0 for r in rows)

@@ -1,0 +1,97 @@
+"""Known-answer tests: with default arguments every inference path finds the true rank."""
+
+import pytest
+
+import bayes_fusion as bf
+from bayes_fusion.datasets import make_cp_regression, make_xox_regression
+
+pytestmark = pytest.mark.slow
+
+SEEDS = range(5)
+
+
+def _cp_fit(guide, seed, **kw):
+    data = make_cp_regression((8, 12, 10), 6, rank=3, num_data=2500, noise=0.1, seed=seed)
+    train, test = data.split(2000)
+    model = bf.Regressor(bf.CPFusion((8, 12, 10), 6, max_rank=12))
+    res = bf.fit(model, train.inputs, train.y, guide=guide, seed=seed, progress=False, **kw)
+    rank = bf.rank_posterior(res, num_samples=200)["layer"]
+    pred = res.predict(test.inputs, num_samples=100)["mean"]
+    rmse = float((pred - test.y).pow(2).mean().sqrt())
+    return rank, rmse
+
+
+@pytest.mark.parametrize("guide", ["map", "meanfield", "lowrank"])
+def test_cp_default_fit_finds_true_rank(guide):
+    found, rmses = [], []
+    for seed in SEEDS:
+        rank, rmse = _cp_fit(guide, seed)
+        found.append(rank.mode)
+        rmses.append(rmse)
+    hits = sum(r == 3 for r in found)
+    assert hits >= 4, f"{guide}: ranks found {found}"
+    good = [e for r, e in zip(found, rmses, strict=True) if r == 3]
+    assert max(good) < 0.12, f"{guide}: held-out RMSE {rmses} vs noise 0.1"
+
+
+def _xox_fit(guide, seed, **kw):
+    data = make_xox_regression(20, 10, genes=3, num_data=2500, noise=0.1, seed=seed)
+    train, test = data.split(2000)
+    model = bf.Regressor(bf.XOXLinear(20, 10, genes=8))
+    res = bf.fit(model, train.inputs, train.y, guide=guide, seed=seed, progress=False, **kw)
+    rank = bf.rank_posterior(res, num_samples=200)["layer"]
+    pred = res.predict(test.inputs, num_samples=100)["mean"]
+    return rank, float((pred - test.y).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("guide", ["map", "meanfield", "lowrank"])
+def test_xox_default_fit_finds_active_genes(guide):
+    found, rmses = [], []
+    for seed in SEEDS:
+        rank, rmse = _xox_fit(guide, seed)
+        found.append(rank.mode)
+        rmses.append(rmse)
+    assert sum(r == 3 for r in found) >= 4, f"{guide}: genes found {found}"
+    assert max(rmses) < 0.12, f"{guide}: held-out RMSE {rmses}"
+
+
+def test_minibatch_matches_full_batch():
+    rank_full, rmse_full = _cp_fit("meanfield", 0)
+    rank_mb, rmse_mb = _cp_fit("meanfield", 0, batch_size=200)
+    assert rank_mb.mode == rank_full.mode == 3
+    assert rmse_mb <= 1.1 * rmse_full
+
+
+def _coverage(res, test):
+    pred = res.predict(test.inputs, num_samples=300, interval=0.9)
+    inside = (test.y >= pred["lower"]) & (test.y <= pred["upper"])
+    return float(inside.double().mean())
+
+
+def test_nuts_rank_posterior_and_coverage():
+    data = make_cp_regression((4, 5, 3), 2, rank=2, num_data=400, noise=0.1, seed=0)
+    train, test = data.split(200)
+    model = bf.Regressor(bf.CPFusion((4, 5, 3), 2, max_rank=4))
+    res = bf.fit(
+        model,
+        train.inputs,
+        train.y,
+        guide="nuts",
+        num_samples=150,
+        warmup_steps=150,
+        num_chains=1,
+        max_tree_depth=6,
+        progress=False,
+    )
+    rank = bf.rank_posterior(res)["layer"]
+    assert float(rank.probs[2]) >= 0.8, rank.table()
+    assert 0.85 <= _coverage(res, test) <= 0.95
+
+
+def test_full_guide_interval_coverage():
+    data = make_cp_regression((4, 5, 3), 2, rank=2, num_data=2400, noise=0.1, seed=1)
+    train, test = data.split(400)
+    model = bf.Regressor(bf.CPFusion((4, 5, 3), 2, max_rank=4))
+    res = bf.fit(model, train.inputs, train.y, guide="full", progress=False)
+    assert bf.rank_posterior(res)["layer"].mode == 2
+    assert 0.85 <= _coverage(res, test) <= 0.95
