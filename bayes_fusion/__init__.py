@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from . import datasets, ops  # noqa: E402
+from .contributions import ModalityContributions, modality_contributions  # noqa: E402
 from .guides import GUIDES, make_guide, rank_layers  # noqa: E402
 from .infer import FitResult, NonFiniteLossError, fit, load  # noqa: E402
 from .layers import (  # noqa: E402
@@ -18,7 +19,15 @@ from .layers import (  # noqa: E402
 )
 from .models import Classifier, Regressor  # noqa: E402
 from .priors import HalfCauchyRankPrior, LogUniformRankPrior  # noqa: E402
+from .prune import PruneResult, prune  # noqa: E402
 from .rank import RankPosterior, effective_rank_draws, rank_posterior  # noqa: E402
+from .summary import (  # noqa: E402
+    plot_elbo,
+    plot_rank_posterior,
+    plot_relevance_forest,
+    rank_summary,
+    to_inference_data,
+)
 
 __all__ = [
     "CPFusion",
@@ -44,6 +53,15 @@ __all__ = [
     "fit",
     "load",
     "make_guide",
+    "ModalityContributions",
+    "PruneResult",
+    "modality_contributions",
+    "plot_elbo",
+    "plot_rank_posterior",
+    "plot_relevance_forest",
+    "prune",
+    "rank_summary",
+    "to_inference_data",
     "ops",
     "rank_layers",
     "rank_posterior",

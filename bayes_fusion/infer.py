@@ -102,6 +102,7 @@ class FitResult:
         mcmc_samples: dict[str, Tensor] | None = None,
         info: dict | None = None,
         optim_state: dict | None = None,
+        param_state: dict | None = None,
     ) -> None:
         self.model = model
         self.guide = guide
@@ -111,6 +112,10 @@ class FitResult:
         self.mcmc_samples = mcmc_samples
         self.info = dict(info or {})
         self.optim_state = optim_state
+        # the parameter-store scope of this fit (see ParamStoreDict.scope)
+        self._param_state = (
+            param_state if param_state is not None else {"params": {}, "constraints": {}}
+        )
         self._latent_shapes, self._nesting = model_latent_shapes(model, *args)
 
     @property
@@ -121,6 +126,11 @@ class FitResult:
     def latent_sites(self) -> list[str]:
         """Names of the model's latent sites."""
         return list(self._latent_shapes)
+
+    def param_scope(self):
+        """Context manager that activates this fit's own parameter store (so several fits
+        with the same parameter names coexist)."""
+        return pyro.get_param_store().scope(self._param_state)
 
     def posterior_samples(
         self, num_samples: int = 200, group_by_chain: bool = False, seed: int | None = None
@@ -140,7 +150,10 @@ class FitResult:
         num_samples = check_positive_int("num_samples", num_samples)
         if seed is not None:
             pyro.set_rng_seed(seed)
-        draws = sample_guide(self.guide, self.args, num_samples, self._latent_shapes, self._nesting)
+        with self.param_scope():
+            draws = sample_guide(
+                self.guide, self.args, num_samples, self._latent_shapes, self._nesting
+            )
         if group_by_chain:
             draws = {k: v.unsqueeze(0) for k, v in draws.items()}
         return draws
@@ -187,7 +200,7 @@ class FitResult:
                 parallel=True,
                 return_sites=["_RETURN", "obs"],
             )
-            with torch.no_grad():
+            with torch.no_grad(), self.param_scope():
                 out = pred(*args)
             ret = out["_RETURN"]
             means.append(ret.softmax(-1) if classify else ret)
@@ -339,14 +352,15 @@ def load(path: str | os.PathLike, model, guide=None) -> FitResult:
             f"model: latent sites do not match the checkpoint (site: (saved, given)) {diff}"
         )
     method = state["method"]
+    param_state = {"params": {}, "constraints": {}}
     if method != "nuts":
         if guide is None:
             if method == "custom":
                 raise ValueError("guide: this checkpoint used a custom guide; pass an instance")
             guide = make_guide(method, model, *args)
-        with poutine.block(), torch.no_grad():
+        with pyro.get_param_store().scope(param_state), poutine.block(), torch.no_grad():
             guide(*args)  # warm up: creates the guide's parameters before loading them
-        guide.load_state_dict(state["guide_state"])
+            guide.load_state_dict(state["guide_state"])
     else:
         guide = None
     result = FitResult(
@@ -358,6 +372,7 @@ def load(path: str | os.PathLike, model, guide=None) -> FitResult:
         state["mcmc_samples"],
         state["info"],
         state["optim_state"],
+        param_state=param_state,
     )
     return result
 
@@ -507,114 +522,124 @@ def fit(
                 "likelihood; subsample inside your model instead"
             )
 
-    pyro.clear_param_store()
-    proto_args = args if batch_size is None else slice_rows(args, slice(0, batch_size))
-    if isinstance(guide, str):
-        method = guide
-        guide_obj = make_guide(guide, model, *proto_args, init_scale=init_scale)
-    elif isinstance(guide, type) and issubclass(guide, AutoGuide):
-        method = "custom"
-        from .guides import layer_init_values
+    # train in a private parameter-store scope: fits never collide by parameter name
+    with pyro.get_param_store().scope() as param_state:
+        proto_args = args if batch_size is None else slice_rows(args, slice(0, batch_size))
+        if isinstance(guide, str):
+            method = guide
+            guide_obj = make_guide(guide, model, *proto_args, init_scale=init_scale)
+        elif isinstance(guide, type) and issubclass(guide, AutoGuide):
+            method = "custom"
+            from .guides import layer_init_values
 
-        guide_obj = guide(model, init_loc_fn=init_to_value(values=layer_init_values(model)))
-    elif callable(guide):
-        method, guide_obj = "custom", guide
-    else:
-        raise TypeError(f"guide: expected a name, an autoguide class or a guide, got {guide!r}")
+            guide_obj = guide(model, init_loc_fn=init_to_value(values=layer_init_values(model)))
+        elif callable(guide):
+            method, guide_obj = "custom", guide
+        else:
+            raise TypeError(f"guide: expected a name, an autoguide class or a guide, got {guide!r}")
 
-    losses: list[float] = []
-    optim = optimizer or _default_optimizer(lr, num_steps, final_lr_fraction)
-    gen = torch.Generator()
-    gen.manual_seed(0 if seed is None else seed)
-    start_step = 0
-    if resume is not None:
-        state = resume.state() if isinstance(resume, FitResult) else _read_state(resume)
-        with poutine.block(), torch.no_grad():
-            guide_obj(*proto_args)
-        guide_obj.load_state_dict(state["guide_state"])
-        if state.get("optim_state"):
-            optim.set_state(state["optim_state"])
-        losses = list(state["losses"])
-        start_step = len(losses)
-        rng = state["info"].get("rng_state")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            gen.set_state(rng["batches"])
+        losses: list[float] = []
+        optim = optimizer or _default_optimizer(lr, num_steps, final_lr_fraction)
+        gen = torch.Generator()
+        gen.manual_seed(0 if seed is None else seed)
+        start_step = 0
+        if resume is not None:
+            state = resume.state() if isinstance(resume, FitResult) else _read_state(resume)
+            with poutine.block(), torch.no_grad():
+                guide_obj(*proto_args)
+            guide_obj.load_state_dict(state["guide_state"])
+            if state.get("optim_state"):
+                optim.set_state(state["optim_state"])
+            losses = list(state["losses"])
+            start_step = len(losses)
+            rng = state["info"].get("rng_state")
+            if rng is not None:
+                torch.set_rng_state(rng["torch"])
+                gen.set_state(rng["batches"])
 
-    elbo_kwargs = {
-        "num_particles": num_particles,
-        "vectorize_particles": vectorize_particles and num_particles > 1,
-    }
-    elbo = (
-        JitTrace_ELBO(ignore_jit_warnings=True, **elbo_kwargs) if jit else Trace_ELBO(**elbo_kwargs)
-    )
-    svi = SVI(model, guide_obj, optim, elbo)
+        elbo_kwargs = {
+            "num_particles": num_particles,
+            "vectorize_particles": vectorize_particles and num_particles > 1,
+        }
+        elbo = (
+            JitTrace_ELBO(ignore_jit_warnings=True, **elbo_kwargs)
+            if jit
+            else Trace_ELBO(**elbo_kwargs)
+        )
+        svi = SVI(model, guide_obj, optim, elbo)
 
-    def batches():
-        while True:
-            if batch_size is None or batch_size >= rows:
-                yield args
-                continue
-            perm = torch.randperm(rows, generator=gen)
-            for i in range(0, rows - batch_size + 1, batch_size):
-                yield slice_rows(args, perm[i : i + batch_size])
+        def batches():
+            while True:
+                if batch_size is None or batch_size >= rows:
+                    yield args
+                    continue
+                perm = torch.randperm(rows, generator=gen)
+                for i in range(0, rows - batch_size + 1, batch_size):
+                    yield slice_rows(args, perm[i : i + batch_size])
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    batch_iter = batches()
-    # skip the batches a resumed run already consumed is not needed: the generator state
-    # restored above continues the shuffling sequence
-    smoothed, best, since_best = None, math.inf, 0
-    t0 = time.perf_counter()
-    bar = tqdm(
-        range(start_step, num_steps),
-        disable=not progress,
-        desc=f"fit[{method}]",
-        initial=start_step,
-        total=num_steps,
-        leave=False,
-    )
-    last_step = start_step
-    for step in bar:
-        batch = next(batch_iter)
-        try:
-            loss = _svi_step(svi, batch)
-        except ValueError as exc:
-            # with validation on, Pyro refuses NaN distribution parameters before the loss
-            if "invalid values" not in str(exc):
-                raise
-            raise _non_finite(step, float("nan"), model, guide_obj, batch) from exc
-        if not math.isfinite(loss):
-            raise _non_finite(step, loss, model, guide_obj, batch)
-        losses.append(loss)
-        last_step = step + 1
-        if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{loss:.4g}")
-        if callback is not None and callback(step, loss):
-            break
-        if early_stopping is not None:
-            smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
-            if smoothed < best - early_stopping_tol * abs(best):
-                best, since_best = smoothed, 0
-            else:
-                since_best += 1
-                if since_best >= early_stopping:
-                    break
-        if checkpoint_path is not None and last_step % checkpoint_every == 0:
-            _checkpoint(model, guide_obj, method, args, losses, optim, gen, checkpoint_path)
-    bar.close()
-    info = {
-        "seconds": time.perf_counter() - t0,
-        "steps": last_step,
-        "rng_state": {"torch": torch.get_rng_state(), "batches": gen.get_state()},
-    }
-    result = FitResult(
-        model, guide_obj, method, args, losses, info=info, optim_state=optim.get_state()
-    )
-    if checkpoint_path is not None:
-        result.save(checkpoint_path)
-    _warn_on_collapse(result)
-    return result
+        batch_iter = batches()
+        # skip the batches a resumed run already consumed is not needed: the generator state
+        # restored above continues the shuffling sequence
+        smoothed, best, since_best = None, math.inf, 0
+        t0 = time.perf_counter()
+        bar = tqdm(
+            range(start_step, num_steps),
+            disable=not progress,
+            desc=f"fit[{method}]",
+            initial=start_step,
+            total=num_steps,
+            leave=False,
+        )
+        last_step = start_step
+        for step in bar:
+            batch = next(batch_iter)
+            try:
+                loss = _svi_step(svi, batch)
+            except ValueError as exc:
+                # with validation on, Pyro refuses NaN distribution parameters before the loss
+                if "invalid values" not in str(exc):
+                    raise
+                raise _non_finite(step, float("nan"), model, guide_obj, batch) from exc
+            if not math.isfinite(loss):
+                raise _non_finite(step, loss, model, guide_obj, batch)
+            losses.append(loss)
+            last_step = step + 1
+            if progress and step % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.4g}")
+            if callback is not None and callback(step, loss):
+                break
+            if early_stopping is not None:
+                smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
+                if smoothed < best - early_stopping_tol * abs(best):
+                    best, since_best = smoothed, 0
+                else:
+                    since_best += 1
+                    if since_best >= early_stopping:
+                        break
+            if checkpoint_path is not None and last_step % checkpoint_every == 0:
+                _checkpoint(model, guide_obj, method, args, losses, optim, gen, checkpoint_path)
+        bar.close()
+        info = {
+            "seconds": time.perf_counter() - t0,
+            "steps": last_step,
+            "rng_state": {"torch": torch.get_rng_state(), "batches": gen.get_state()},
+        }
+        result = FitResult(
+            model,
+            guide_obj,
+            method,
+            args,
+            losses,
+            info=info,
+            optim_state=optim.get_state(),
+            param_state=param_state,
+        )
+        if checkpoint_path is not None:
+            result.save(checkpoint_path)
+        _warn_on_collapse(result)
+        return result
 
 
 def _checkpoint(model, guide, method, args, losses, optim, gen, path) -> None:
@@ -720,33 +745,27 @@ def _fit_nuts(
         max_tree_depth=max_tree_depth,
         target_accept_prob=target_accept_prob,
     )
-    parallel = 1 < num_chains <= cpus
+    # Pyro runs chains in parallel processes only when num_chains <= cpu_count - 1
+    parallel = 1 < num_chains <= max(1, cpus - 1)
     mcmc = MCMC(
         kernel,
         num_samples=num_samples,
         warmup_steps=warmup_steps,
-        num_chains=num_chains,
+        num_chains=num_chains if parallel else 1,
         disable_progbar=not progress,
         mp_context="spawn" if parallel else None,
     )
     if not parallel and num_chains > 1:
-        mcmc = MCMC(
-            kernel,
-            num_samples=num_samples,
-            warmup_steps=warmup_steps,
-            num_chains=1,
-            disable_progbar=not progress,
-        )
         runs = []
         for _ in range(num_chains):
             mcmc.run(*args)
             runs.append((mcmc.get_samples(group_by_chain=True), _divergences(mcmc)))
         raw = {k: torch.cat([r[0][k] for r in runs]) for k in runs[0][0]}
-        divergences = [d for r in runs for d in r[1]]
+        div_idx = [d for r in runs for d in r[1]]
     else:
         mcmc.run(*args)
         raw = mcmc.get_samples(group_by_chain=True)
-        divergences = _divergences(mcmc)
+        div_idx = _divergences(mcmc)
     samples = {}
     for name, value in raw.items():
         if name.endswith("_decentered") and name[: -len("_decentered")] in scaled:
@@ -757,7 +776,8 @@ def _fit_nuts(
             samples[name] = value
     info = {
         "seconds": time.perf_counter() - t0,
-        "divergences": divergences,
+        "divergences": [len(d) for d in div_idx],
+        "divergence_indices": div_idx,
         "num_chains": num_chains,
         "reparam": bool(reparam),
         "init": init,
@@ -765,7 +785,7 @@ def _fit_nuts(
     return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)
 
 
-def _divergences(mcmc) -> list[int]:
-    """Number of divergent transitions (after warm-up) per chain."""
+def _divergences(mcmc) -> list[list[int]]:
+    """Indices of the divergent transitions (after warm-up), one list per chain."""
     div = mcmc.diagnostics().get("divergences", {})
-    return [len(v) for v in div.values()]
+    return [[int(i) for i in v] for v in div.values()]

@@ -36,6 +36,7 @@ __all__ = [
     "effective_rank_draws",
     "rank_posterior",
     "hdi_int",
+    "hdi_float",
 ]
 
 RELEVANCE_KINDS = ("norm", "scale")
@@ -103,14 +104,27 @@ def effective_rank_draws(
     return on.sum(-1)
 
 
-def hdi_int(values: Tensor, prob: float = 0.9) -> tuple[int, int]:
-    """Shortest interval of integer values holding at least ``prob`` of the draws."""
-    v = values.sort().values
+def _hdi(values: Tensor, prob: float) -> tuple[Tensor, Tensor]:
+    v = values.flatten().sort().values
     n = v.numel()
+    if n == 0:
+        raise ValueError("values: expected at least one draw, got none")
     k = max(1, math.ceil(prob * n))
     widths = v[k - 1 :] - v[: n - k + 1]
     i = int(torch.argmin(widths))
-    return int(v[i]), int(v[i + k - 1])
+    return v[i], v[i + k - 1]
+
+
+def hdi_int(values: Tensor, prob: float = 0.9) -> tuple[int, int]:
+    """Shortest interval of integer values holding at least ``prob`` of the draws."""
+    lo, hi = _hdi(values, prob)
+    return int(lo), int(hi)
+
+
+def hdi_float(values: Tensor, prob: float = 0.9) -> tuple[float, float]:
+    """Shortest interval holding at least ``prob`` of the draws (highest density interval)."""
+    lo, hi = _hdi(values, prob)
+    return float(lo), float(hi)
 
 
 @dataclass

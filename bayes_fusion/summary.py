@@ -1,0 +1,350 @@
+"""ArviZ conversion, plots and the one-call text summary. arviz/matplotlib import lazily.
+
+ArviZ 0.2x (Python 3.11) returns ``InferenceData``; ArviZ >= 1.0 (Python >= 3.12) returns an
+xarray ``DataTree``. :func:`to_inference_data` builds the same groups, variables, dims and
+coords for both (``az.from_dict`` with the group-per-keyword signature on 0.x, the
+dict-of-groups signature on 1.x).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+
+from .guides import rank_layers
+from .rank import RankPosterior, rank_posterior
+
+__all__ = [
+    "to_inference_data",
+    "arviz_major_version",
+    "pointwise_log_likelihood",
+    "plot_rank_posterior",
+    "plot_relevance_forest",
+    "plot_elbo",
+    "rank_summary",
+]
+
+_VARIATIONAL_NOTE = (
+    "Draws come from a variational guide (one pseudo-chain of independent draws): r-hat and "
+    "ESS computed on them are not evidence of convergence."
+)
+
+
+def arviz_major_version() -> int:
+    """Major version of the installed ArviZ (0 for the InferenceData API, 1+ for DataTree)."""
+    import arviz as az
+
+    return int(az.__version__.split(".")[0])
+
+
+def _chains(result, num_samples: int) -> dict[str, torch.Tensor]:
+    """Posterior draws with a chain axis: ``(C, D, ...)`` (SVI: one pseudo-chain)."""
+    draws = result.posterior_samples(num_samples, group_by_chain=True)
+    if not draws or next(iter(draws.values())).numel() == 0:
+        raise ValueError("result: expected at least one posterior draw, got an empty posterior")
+    return draws
+
+
+def pointwise_log_likelihood(
+    result, samples: dict[str, torch.Tensor], *args, chunk_size: int = 100
+) -> torch.Tensor:
+    """``log p(y_n | theta_s)`` for every draw and data row, shape ``(S, N)``.
+
+    :param samples: flat draws, site -> ``(S, ...)``.
+    :param args: model arguments including the targets (default: the fit's own data).
+    """
+    args = args or result.args
+    total = next(iter(samples.values())).shape[0]
+    _, nesting = result._latent_shapes, result._nesting
+    out = []
+    for start in range(0, total, chunk_size):
+        chunk = {k: v[start : start + chunk_size] for k, v in samples.items()}
+        n = next(iter(chunk.values())).shape[0]
+        shaped = {k: v.reshape((n,) + (1,) * nesting + v.shape[1:]) for k, v in chunk.items()}
+        with torch.no_grad(), poutine.block(), result.param_scope():
+            with pyro.plate("_bf_draws", n, dim=-nesting - 1):
+                tr = poutine.trace(poutine.condition(result.model, shaped)).get_trace(*args)
+        site = tr.nodes.get("obs")
+        if site is None or not site["is_observed"]:
+            raise ValueError("result: the model has no observed site 'obs' to score")
+        lp = site["fn"].log_prob(site["value"])
+        out.append(lp.reshape(n, -1))
+    return torch.cat(out)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy() if t.is_floating_point() else t.cpu().numpy()
+
+
+def to_inference_data(
+    result,
+    num_samples: int = 500,
+    posterior_predictive: bool = True,
+    log_likelihood: bool = True,
+    threshold: float = 0.05,
+):
+    """Convert a fit to ArviZ (``InferenceData`` on ArviZ 0.x, ``DataTree`` on 1.x).
+
+    Groups: ``posterior`` (every latent site; per rank-bearing layer ``{layer}.relevance_sorted``
+    and ``{layer}.rank_scale_sorted`` -- sorted per draw, so aligned across draws and chains and
+    meaningful for r-hat/ESS -- and ``{layer}.effective_rank``), ``posterior_predictive``
+    (``obs``), ``log_likelihood`` (pointwise ``obs``, for ``az.loo``/``az.waic``/``az.compare``),
+    ``observed_data`` and, for MCMC, ``sample_stats`` (``diverging``). SVI results are one
+    pseudo-chain and carry ``attrs["inference"] = "variational"`` with a warning note.
+
+    :param result: a :class:`bayes_fusion.FitResult`.
+    :param num_samples: guide draws for SVI results.
+    :param threshold: relevance threshold of the effective rank.
+    """
+    import arviz as az
+
+    draws = _chains(result, num_samples)
+    chains, ndraw = next(iter(draws.values())).shape[:2]
+    flat = {k: v.reshape((chains * ndraw,) + v.shape[2:]) for k, v in draws.items()}
+    posterior, dims, coords = {}, {}, {}
+    layers = rank_layers(result.model)
+    for name, value in draws.items():
+        posterior[name] = _np(value)
+    for path, layer in layers.items():
+        rank_dim = f"{path or 'layer'}_rank"
+        coords[rank_dim] = np.arange(layer.rank)
+        for short, full in layer.site_names().items():
+            if full not in draws:
+                continue
+            shape = layer.site_shapes()[short]
+            if short == layer.SCALE_SITE:
+                dims[full] = [rank_dim]
+            elif len(shape) == 2 and shape[1] == layer.rank:
+                dims[full] = [f"{full}_row", rank_dim]
+        rp: RankPosterior = rank_posterior(result, threshold=threshold, samples=flat)[path]
+        base = path or "layer"
+        k = rp.relevance.shape[-1]
+        rel_dim = f"{base}_component"
+        coords[rel_dim] = np.arange(k)
+        posterior[f"{base}.relevance_sorted"] = _np(rp.relevance.reshape(chains, ndraw, k))
+        dims[f"{base}.relevance_sorted"] = [rel_dim]
+        posterior[f"{base}.rank_scale_sorted"] = _np(rp.scales.reshape(chains, ndraw, layer.rank))
+        dims[f"{base}.rank_scale_sorted"] = [rank_dim]
+        posterior[f"{base}.effective_rank"] = _np(rp.rank_draws.reshape(chains, ndraw))
+    groups: dict[str, Any] = {"posterior": posterior}
+    y = _observed(result)
+    if y is not None:
+        groups["observed_data"] = {"obs": _np(y)}
+        dims["obs"] = ["obs_row"] + ([f"obs_dim_{i}" for i in range(1, y.dim())])
+        if posterior_predictive:
+            obs = _predictive_obs(result, flat, result.args[:-1], tuple(y.shape))
+            groups["posterior_predictive"] = {"obs": _np(obs.reshape((chains, ndraw) + y.shape))}
+        if log_likelihood:
+            ll = pointwise_log_likelihood(result, flat)
+            groups["log_likelihood"] = {"obs": _np(ll.reshape(chains, ndraw, -1))}
+            dims.setdefault("obs", ["obs_row"])
+    if result.is_mcmc:
+        div = np.zeros((chains, ndraw), dtype=bool)
+        for c, idx in enumerate(result.info.get("divergence_indices", [])):
+            div[c, [i for i in idx if i < ndraw]] = True
+        groups["sample_stats"] = {"diverging": div}
+    attrs = {
+        "inference": "mcmc" if result.is_mcmc else "variational",
+        "method": result.method,
+        "library": "bayes_fusion",
+    }
+    if not result.is_mcmc:
+        attrs["note"] = _VARIATIONAL_NOTE
+    if arviz_major_version() >= 1:  # pragma: no cover - exercised on Python >= 3.12
+        data = az.from_dict(groups, coords=coords, dims=dims)
+        for group in groups:
+            data[group].attrs.update(attrs)
+        return data
+    idata = az.from_dict(**groups, coords=coords, dims=dims)
+    for group in groups:
+        getattr(idata, group).attrs.update(attrs)
+    return idata
+
+
+def _observed(result) -> torch.Tensor | None:
+    """The observed targets of a Regressor/Classifier fit (last model argument)."""
+    from .models import Classifier, Regressor
+
+    if isinstance(result.model, (Regressor, Classifier)) and len(result.args) >= 2:
+        y = result.args[-1]
+        if isinstance(y, torch.Tensor):
+            if isinstance(result.model, Regressor) and y.dim() == 1:
+                y = y.unsqueeze(-1)
+            return y
+    return None
+
+
+def _predictive_obs(result, flat, inputs, y_shape, chunk_size: int = 100) -> torch.Tensor:
+    """Posterior predictive draws of ``obs`` for the given draws, ``(S, *y_shape)``."""
+    total = next(iter(flat.values())).shape[0]
+    out = []
+    for start in range(0, total, chunk_size):
+        chunk = {k: v[start : start + chunk_size] for k, v in flat.items()}
+        n = next(iter(chunk.values())).shape[0]
+        pred = pyro.infer.Predictive(
+            result.model,
+            posterior_samples=chunk,
+            num_samples=n,
+            parallel=True,
+            return_sites=["obs"],
+        )
+        with torch.no_grad(), result.param_scope():
+            out.append(pred(*inputs)["obs"].reshape((n,) + y_shape))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------
+def _save(fig, path):
+    if path is not None:
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_rank_posterior(result_or_posteriors, path=None, num_samples: int = 500):
+    """Bar chart of ``P(rank = r)`` per rank-bearing layer.
+
+    :param result_or_posteriors: a fit result or the output of :func:`rank_posterior`.
+    :param path: optional PNG path to save to.
+    :returns: ``(fig, axes)``.
+    """
+    import matplotlib.pyplot as plt
+
+    rps = (
+        result_or_posteriors
+        if isinstance(result_or_posteriors, dict)
+        else rank_posterior(result_or_posteriors, num_samples=num_samples)
+    )
+    fig, axes = plt.subplots(1, len(rps), figsize=(4.5 * len(rps), 3.2), squeeze=False)
+    for ax, (path_name, rp) in zip(axes[0], rps.items(), strict=True):
+        ranks = np.arange(rp.max_rank + 1)
+        ax.bar(ranks, rp.probs.numpy(), color="tab:blue")
+        lo, hi = rp.hdi
+        ax.set_title(
+            f"{path_name or 'layer'}: mode {rp.mode}, {int(rp.hdi_prob * 100)}% HDI [{lo}, {hi}]",
+            fontsize=9,
+        )
+        ax.set_xlabel("effective rank")
+        ax.set_ylabel("posterior probability")
+        ax.set_xticks(ranks)
+        ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig, axes
+
+
+def plot_relevance_forest(
+    result_or_idata,
+    path=None,
+    var: str = "relevance_sorted",
+    hdi_prob: float = 0.9,
+    num_samples: int = 500,
+):
+    """ArviZ forest plot of the sorted relevances (or ``var="rank_scale_sorted"``) with HDIs.
+
+    :returns: ``(fig, axes)``.
+    """
+    import arviz as az
+
+    idata = result_or_idata
+    if not hasattr(idata, "posterior"):
+        idata = to_inference_data(
+            result_or_idata,
+            num_samples=num_samples,
+            posterior_predictive=False,
+            log_likelihood=False,
+        )
+    names = [n for n in idata.posterior.data_vars if n.endswith(f".{var}")]
+    if not names:
+        raise ValueError(f"var: expected a rank variable like 'relevance_sorted', got {var!r}")
+    axes = az.plot_forest(
+        idata,
+        var_names=names,
+        hdi_prob=hdi_prob,
+        combined=True,
+        figsize=(6, 1 + 0.35 * sum(idata.posterior[n].shape[-1] for n in names)),
+    )
+    fig = np.ravel(axes)[0].figure
+    np.ravel(axes)[0].set_title(
+        f"sorted {var.replace('_sorted', '')} ({int(hdi_prob * 100)}% HDI)", fontsize=9
+    )
+    _save(fig, path)
+    return fig, axes
+
+
+def plot_elbo(result, path=None, smooth: int = 25):
+    """The SVI loss (negative ELBO) per step, raw and smoothed.
+
+    :returns: ``(fig, ax)``.
+    """
+    import matplotlib.pyplot as plt
+
+    if not result.losses:
+        raise ValueError(
+            f"result: expected an SVI fit with a loss history, got none (method={result.method!r})"
+        )
+    losses = np.asarray(result.losses)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(losses, lw=0.6, alpha=0.5, label="loss")
+    if len(losses) > smooth:
+        kernel = np.ones(smooth) / smooth
+        ax.plot(
+            np.arange(smooth - 1, len(losses)),
+            np.convolve(losses, kernel, "valid"),
+            lw=1.5,
+            label=f"moving average ({smooth})",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("negative ELBO")
+    lo, hi = np.percentile(losses, [0, 95])
+    ax.set_ylim(lo - 0.05 * abs(hi - lo), hi + 0.05 * abs(hi - lo))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return fig, ax
+
+
+# ---------------------------------------------------------------------------------------------
+# text summary
+# ---------------------------------------------------------------------------------------------
+def rank_summary(
+    result, num_samples: int = 500, threshold: float = 0.05, print_it: bool = True
+) -> str:
+    """Print (and return) the rank posterior of every rank-bearing layer: the table of
+    ``P(rank = r)``, effective rank mean / mode / HDI, and parameter counts full vs pruned.
+    """
+    from .prune import prune
+
+    rps = rank_posterior(result, num_samples=num_samples, threshold=threshold)
+    pruned = prune(result, threshold=threshold, num_samples=num_samples)
+    lines = []
+    kind = "MCMC" if result.is_mcmc else f"variational ({result.method})"
+    for path, rp in rps.items():
+        layer = rank_layers(result.model)[path]
+        lo, hi = rp.hdi
+        lines.append(
+            f"== layer {path or type(layer).__name__!r} ({type(layer).__name__}, "
+            f"max rank {rp.max_rank}; {kind}) =="
+        )
+        lines.append(rp.table())
+        lines.append(
+            f"effective rank: mean {rp.mean:.2f}, mode {rp.mode}, "
+            f"{int(rp.hdi_prob * 100)}% HDI [{lo}, {hi}]"
+        )
+        info = pruned.layers[path]
+        lines.append(
+            f"parameters: full {info['params_before']}, pruned (rank "
+            f"{info['rank']}) {info['params_after']} "
+            f"({info['params_after'] / info['params_before']:.1%})"
+        )
+    text = "\n".join(lines)
+    if print_it:
+        print(text)
+    return text
