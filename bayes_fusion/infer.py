@@ -447,6 +447,7 @@ def fit(
     callback: Callable[[int, float], Any] | None = None,
     jit: bool = False,
     init_scale: float = 0.01,
+    kl_warmup: float = 0.2,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     resume: FitResult | str | os.PathLike | None = None,
@@ -476,6 +477,10 @@ def fit(
         stops training.
     :param jit: use ``JitTrace_ELBO``.
     :param init_scale: initial std of the Gaussian guides.
+    :param kl_warmup: fraction of the steps over which the weight of the latent sites'
+        terms (prior and guide: the KL part of the ELBO) rises linearly from ~0 to 1. Helps
+        on small data sets (many parameters, few rows), where the prior otherwise switches
+        every component off before the likelihood has pulled any into use. 0 disables it.
     :param checkpoint_path: save a resumable checkpoint here every ``checkpoint_every`` steps
         and at the end (atomically).
     :param resume: a :class:`FitResult` or checkpoint path to continue from: guide parameters,
@@ -566,7 +571,9 @@ def fit(
             if jit
             else Trace_ELBO(**elbo_kwargs)
         )
-        svi = SVI(model, guide_obj, optim, elbo)
+        anneal = _PriorAnneal()
+        svi = SVI(anneal(model), anneal(guide_obj), optim, elbo)
+        warmup = int(kl_warmup * num_steps)
 
         def batches():
             while True:
@@ -595,6 +602,7 @@ def fit(
         last_step = start_step
         for step in bar:
             batch = next(batch_iter)
+            anneal.beta = min(1.0, (step + 1) / warmup) if warmup else 1.0
             try:
                 loss = _svi_step(svi, batch)
             except ValueError as exc:
@@ -640,6 +648,18 @@ def fit(
             result.save(checkpoint_path)
         _warn_on_collapse(result)
         return result
+
+
+class _PriorAnneal(pyro.poutine.messenger.Messenger):
+    """Scales every latent (non-observed) sample site's log-density by ``beta``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beta = 1.0
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"] and self.beta != 1.0:
+            msg["scale"] = msg["scale"] * self.beta
 
 
 def _checkpoint(model, guide, method, args, losses, optim, gen, path) -> None:

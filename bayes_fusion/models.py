@@ -96,8 +96,12 @@ class Regressor(_Likelihood):
         )
 
     def forward(self, inputs, y: Tensor | None = None) -> Tensor:
-        """:param inputs: ``(N, d)`` tensor or list of them. :param y: targets ``(N, P)`` or
-        ``(N,)`` when ``P == 1``. :returns: the mean prediction ``(..., N, P)``."""
+        """Sample the weights and score (or sample) the targets.
+
+        :param inputs: ``(N, d)`` tensor or list of them.
+        :param y: targets ``(N, P)`` or ``(N,)`` when ``P == 1``.
+        :returns: the mean prediction ``(..., N, P)``.
+        """
         rows = check_data_inputs(inputs)
         pred = self.layer(inputs)
         out = pred.shape[-1]
@@ -138,8 +142,12 @@ class Classifier(_Likelihood):
     """
 
     def forward(self, inputs, y: Tensor | None = None) -> Tensor:
-        """:param inputs: ``(N, d)`` tensor or list of them. :param y: integer labels ``(N,)``
-        in ``[0, C)``. :returns: logits ``(..., N, C)``."""
+        """Sample the weights and score (or sample) the labels.
+
+        :param inputs: ``(N, d)`` tensor or list of them.
+        :param y: integer labels ``(N,)`` in ``[0, C)``.
+        :returns: logits ``(..., N, C)``.
+        """
         rows = check_data_inputs(inputs)
         logits = self.layer(inputs)
         if y is not None:

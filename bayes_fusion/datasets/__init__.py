@@ -1,5 +1,12 @@
 """Small real data shipped with the package and synthetic generators with known answers."""
 
+from .nutrimouse import MultiViewData, load_nutrimouse
 from .synthetic import SyntheticData, make_cp_regression, make_xox_regression
 
-__all__ = ["SyntheticData", "make_cp_regression", "make_xox_regression"]
+__all__ = [
+    "MultiViewData",
+    "SyntheticData",
+    "load_nutrimouse",
+    "make_cp_regression",
+    "make_xox_regression",
+]

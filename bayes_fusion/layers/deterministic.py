@@ -65,8 +65,11 @@ class DeterministicCPFusion(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if bias else None
 
     def forward(self, inputs: Sequence[Tensor | None]) -> Tensor:
-        """:param inputs: list of M tensors ``(..., B, d_m)`` or ``None``.
-        :returns: ``(..., B, P)``."""
+        """Fuse the modalities.
+
+        :param inputs: list of M tensors ``(..., B, d_m)`` or ``None``.
+        :returns: ``(..., B, P)``.
+        """
         inputs = check_modalities(inputs, self.in_features, check_values=False)
         return cp_fusion(
             inputs, list(self.factors), self.out_factor, self.weights, self.bias, self.append_one
@@ -197,7 +200,11 @@ class DeterministicXOXLinear(nn.Module):
         return xox_to_dense(self.x_in, self.core, self.x_out, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        """:param x: ``(..., in)``. :returns: ``(..., out)``."""
+        """Apply the layer.
+
+        :param x: ``(..., in)``.
+        :returns: ``(..., out)``.
+        """
         check_float_tensor("x", x, min_dim=1)
         if x.shape[-1] != self.in_features:
             raise ValueError(

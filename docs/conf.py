@@ -1,0 +1,17 @@
+"""Sphinx configuration for bayes_fusion."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+project = "bayes_fusion"
+author = "bayes_fusion developers"
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"]
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"
+autodoc_default_options = {"members": True, "undoc-members": False}
+nitpicky = False
+html_theme = "alabaster"
+exclude_patterns = ["_build"]
+suppress_warnings = ["ref.python"]

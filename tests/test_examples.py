@@ -1,0 +1,40 @@
+"""Every example runs with --smoke and prints sane results."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name, tmp_path, *extra):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), "--smoke", "--out", str(tmp_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_quickstart_smoke(tmp_path):
+    out = run_example("quickstart.py", tmp_path, "--no-progress")
+    assert "rank  P(rank)" in out and "effective rank: mean" in out
+    assert "parameters: full" in out
+    acc = float(out.split("held-out accuracy: ")[1].split()[0])
+    assert 0.0 <= acc <= 1.0
+    for name in ("rank_posterior.png", "lambda_forest.png", "elbo.png"):
+        path = tmp_path / name
+        assert path.exists() and path.stat().st_size > 1000, name
+    assert str(tmp_path.resolve()) in out
+
+
+@pytest.mark.slow
+def test_quickstart_full_beats_chance(tmp_path):
+    out = run_example("quickstart.py", tmp_path, "--no-progress", "--steps", "3000")
+    acc = float(out.split("held-out accuracy: ")[1].split()[0])
+    assert acc > 0.4  # chance is 0.2 (5 diets)
