@@ -38,3 +38,22 @@ def test_quickstart_full_beats_chance(tmp_path):
     out = run_example("quickstart.py", tmp_path, "--no-progress", "--steps", "3000")
     acc = float(out.split("held-out accuracy: ")[1].split()[0])
     assert acc > 0.4  # chance is 0.2 (5 diets)
+
+
+def test_pyro_pipeline_smoke(tmp_path):
+    out = run_example("pyro_pipeline.py", tmp_path)
+    assert "intercepts: true" in out and "fusion layer rank posterior" in out
+    est = out.split("posterior mean [")[1].split("]")[0]
+    values = [float(v) for v in est.split(",")]
+    assert values == sorted(values)  # the group ordering of the true intercepts is recovered
+    assert (tmp_path / "rank_posterior.png").stat().st_size > 1000
+
+
+def test_nutrimouse_smoke(tmp_path):
+    out = run_example("nutrimouse.py", tmp_path)
+    assert "meanfield" in out and "nuts" in out
+    for method in ("meanfield", "nuts"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"{method}:"))
+        acc = float(line.split("held-out accuracy ")[1].split(",")[0])
+        assert 0.0 <= acc <= 1.0
+    assert (tmp_path / "rank_posteriors.png").stat().st_size > 1000

@@ -155,6 +155,8 @@ def test_contributions_noise_modality_has_no_share():
     assert contrib.modality_shares[:, 2].mean() < 0.02
     assert summary["a"] + summary["a x b"] > 0.95
     assert "a x b" in contrib.table()
+    fig, _ = contrib.plot()
+    assert len(fig.axes[0].patches) == len(contrib.names)
 
 
 def test_contributions_pairwise_only():

@@ -95,3 +95,16 @@ def test_full_guide_interval_coverage():
     res = bf.fit(model, train.inputs, train.y, guide="full", progress=False)
     assert bf.rank_posterior(res)["layer"].mode == 2
     assert 0.85 <= _coverage(res, test) <= 0.95
+
+
+def test_true_rank_three_is_the_mode_for_meanfield_and_nuts():
+    data = make_cp_regression((4, 5, 3), 2, rank=3, num_data=300, noise=0.1, seed=0)
+    modes = {}
+    for guide, kw in (
+        ("meanfield", {}),
+        ("nuts", dict(num_samples=150, warmup_steps=150, max_tree_depth=6)),
+    ):
+        model = bf.Regressor(bf.CPFusion((4, 5, 3), 2, max_rank=5))
+        res = bf.fit(model, data.inputs, data.y, guide=guide, progress=False, **kw)
+        modes[guide] = bf.rank_posterior(res)["layer"].mode
+    assert modes == {"meanfield": 3, "nuts": 3}
