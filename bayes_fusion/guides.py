@@ -63,7 +63,7 @@ def layer_init_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def latent_dim(model, *args, **kwargs) -> int:
     """Number of unconstrained latent dimensions of ``model`` (one prior trace)."""
-    with poutine.block():
+    with torch.random.fork_rng(), poutine.block(), torch.no_grad():
         tr = poutine.trace(model).get_trace(*args, **kwargs)
     return sum(
         site["value"].numel()

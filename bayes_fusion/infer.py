@@ -64,7 +64,9 @@ def _check_args_finite(obj, name="args") -> None:
 
 def model_latent_shapes(model, *args, **kwargs) -> tuple[dict[str, torch.Size], int]:
     """Latent site name -> value shape (unbatched) and the model's max plate nesting."""
-    with poutine.block(), torch.no_grad():
+    # a prior trace consumes random numbers: fork the RNG so that inspecting a model (e.g. when
+    # writing a checkpoint) never changes the course of training
+    with torch.random.fork_rng(), poutine.block(), torch.no_grad():
         tr = poutine.trace(model).get_trace(*args, **kwargs)
     shapes, nesting = {}, 0
     for name, site in tr.nodes.items():

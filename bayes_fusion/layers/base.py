@@ -113,3 +113,17 @@ class RankLayer(PyroModule):
 
     def _buffer_like(self) -> Tensor:
         return self.scale_floor
+
+    def _check_input_like(self, name: str, x: Tensor) -> None:
+        """Refuse inputs whose dtype/device differ from the layer's (clear error, not a
+        matmul failure deep inside torch)."""
+        like = self.scale_floor
+        if x.dtype != like.dtype:
+            raise TypeError(
+                f"{name}: expected dtype {like.dtype} (the layer's dtype; convert the input or "
+                f"call layer.to({x.dtype})), got {x.dtype}"
+            )
+        if x.device != like.device:
+            raise ValueError(
+                f"{name}: expected a tensor on {like.device} (the layer's device), got {x.device}"
+            )

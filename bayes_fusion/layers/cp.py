@@ -180,6 +180,8 @@ class CPFusion(RankLayer):
             the weights lead.
         """
         inputs = check_modalities(inputs, self.in_features)
+        first = next(m for m, x in enumerate(inputs) if x is not None)
+        self._check_input_like(f"inputs[{first}]", inputs[first])
         scales = self._sample_scales()
         factors = [
             to_op_layout(self._sample_scaled_factor(f"factor_{m}", scales, rows), 2)

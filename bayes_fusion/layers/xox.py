@@ -116,6 +116,7 @@ class XOXLinear(RankLayer):
             raise ValueError(
                 f"x: expected {self.in_features} features (last dim), got shape {tuple(x.shape)}"
             )
+        self._check_input_like("x", x)
         if validation_enabled():
             check_finite("x", x)
         scales = self._sample_scales()
