@@ -57,3 +57,16 @@ def test_nutrimouse_smoke(tmp_path):
         acc = float(line.split("held-out accuracy ")[1].split(",")[0])
         assert 0.0 <= acc <= 1.0
     assert (tmp_path / "rank_posteriors.png").stat().st_size > 1000
+
+
+def test_multimodal_digits_smoke(tmp_path):
+    out = run_example("multimodal_digits.py", tmp_path)
+    rows = {}
+    for line in out.splitlines():
+        parts = line.rsplit(None, 2)
+        if len(parts) == 3 and parts[1].replace(".", "").isdigit():
+            rows[parts[0].strip()] = float(parts[1])
+    assert rows and all(acc > 0.3 for acc in rows.values())  # chance is 0.1
+    frac = float(out.split("dense tensor-fusion parameters: ")[1].split("%")[0])
+    assert frac < 10.0
+    assert (tmp_path / "rank_posterior.png").stat().st_size > 1000
