@@ -70,3 +70,26 @@ def test_multimodal_digits_smoke(tmp_path):
     frac = float(out.split("dense tensor-fusion parameters: ")[1].split("%")[0])
     assert frac < 10.0
     assert (tmp_path / "rank_posterior.png").stat().st_size > 1000
+
+
+def test_xox_mlp_smoke(tmp_path):
+    out = run_example("xox_mlp.py", tmp_path)
+    acc = float(out.split("XOX MLP        : accuracy ")[1].split(",")[0])
+    assert acc > 0.3  # chance 0.1
+    ratio = float(out.split("(compression ")[1].split("x")[0])
+    assert ratio > 1.0
+    assert "genes surviving" in out
+    assert (tmp_path / "genes_posterior.png").stat().st_size > 1000
+
+
+def test_guides_compared_smoke(tmp_path):
+    out = run_example("guides_compared.py", tmp_path)
+    lines = [ln.split() for ln in out.splitlines()]
+    methods = {
+        ln[0] for ln in lines if ln and ln[0] in {"map", "meanfield", "lowrank", "full", "nuts"}
+    }
+    assert methods == {"map", "meanfield", "lowrank", "full", "nuts"}
+    for ln in lines:
+        if ln and ln[0] in methods:
+            p_true, lpd = float(ln[1]), float(ln[3])
+            assert 0.0 <= p_true <= 1.0 and lpd == lpd  # a probability; lpd is not NaN
