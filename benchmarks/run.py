@@ -327,6 +327,194 @@ def bench_svi(rep, device, quick):
     pyro.enable_validation(True)
 
 
+def _rss_mb(key):
+    import re
+
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(key + r":\s+(\d+) kB", text).group(1)) / 1024
+
+
+def _peak_extra_mb(fn, device):
+    """Peak extra memory of one call (CUDA: allocator peak; CPU: VmHWM after a reset)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _rss_mb("VmRSS")
+        fn()
+        return max(0.0, _rss_mb("VmHWM") - base)
+    except OSError:  # not Linux: no peak-RSS reset
+        return float("nan")
+
+
+def _slope(xs, ys):
+    """Log-log slope (growth exponent) of ys against xs."""
+    import math
+
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(max(y, 1e-12)) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum(
+        (a - mx) ** 2 for a in lx
+    )
+
+
+def bench_scaling(rep, device, quick, out):
+    """Forward time and peak memory vs rank, batch and number of modalities."""
+    reps, repeat = (5, 3) if quick else (20, 7)
+    curves = {}
+
+    def run(sizes, outf, rank, batch):
+        xs = [torch.randn(batch, d, device=device) for d in sizes]
+        fs = [torch.randn(d + 1, rank, device=device) for d in sizes]
+        fo = torch.randn(outf, rank, device=device)
+        with torch.no_grad():
+            t = timeit(lambda: cp_fusion(xs, fs, fo), device, reps, repeat)[0]
+            mem = _peak_extra_mb(lambda: cp_fusion(xs, fs, fo), device)
+        return t, mem
+
+    ranks = [1, 4, 16, 64] if quick else [1, 2, 4, 8, 16, 32, 64]
+    batches = [32, 512, 8192] if quick else [32, 128, 512, 2048, 8192]
+    mods = [2, 3, 4, 5]
+    curves["rank"] = [(r, *run((128, 32, 32), 128, r, 2048)) for r in ranks]
+    curves["batch"] = [(b, *run((128, 32, 32), 128, 16, b)) for b in batches]
+    curves["modalities"] = [(m, *run((64,) * m, 128, 16, 2048)) for m in mods]
+    for name, points in curves.items():
+        xs = [p[0] for p in points]
+        slope_t = _slope(xs[1:], [p[1] for p in points][1:])
+        g = f"CP forward scaling vs {name}"
+        for x, t, mem in points:
+            rep.rows.append(
+                {
+                    "group": g,
+                    "name": f"{name}={x}",
+                    "ms": t * 1e3,
+                    "spread": 0.0,
+                    "ratio": None,
+                    "target": None,
+                    "note": f"peak +{mem:.1f} MB",
+                }
+            )
+        rep.rows.append(
+            {
+                "group": g,
+                "name": "log-log slope of time (1 = linear)",
+                "ms": slope_t,
+                "spread": 0.0,
+                "ratio": None,
+                "target": None,
+                "note": "'time' column holds the slope",
+            }
+        )
+        print(f"[{g}] slope {slope_t:.2f}", flush=True)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+        for j, (name, points) in enumerate(curves.items()):
+            xs = [p[0] for p in points]
+            axes[0, j].loglog(xs, [p[1] * 1e3 for p in points], "o-")
+            axes[0, j].set_title(f"time vs {name}")
+            axes[0, j].set_ylabel("ms")
+            axes[1, j].plot(xs, [p[2] for p in points], "o-")
+            axes[1, j].set_title(f"peak extra memory vs {name}")
+            axes[1, j].set_ylabel("MB")
+            axes[1, j].set_xlabel(name)
+        fig.tight_layout()
+        fig.savefig(out / "scaling.png", dpi=100)
+    except ImportError:  # pragma: no cover
+        pass
+    return curves
+
+
+def bench_throughput(rep, device, quick):
+    """Forward and SVI-step throughput (rows/s) at batch 4096: compare CPU and GPU files."""
+    sizes, outf, rank, batch = (128, 32, 32), 128, 16, 4096
+    reps, repeat = (5, 3) if quick else (20, 7)
+    xs = [torch.randn(batch, d, device=device) for d in sizes]
+    y = torch.randn(batch, outf, device=device)
+    fs = [torch.randn(d + 1, rank, device=device) for d in sizes]
+    fo = torch.randn(outf, rank, device=device)
+    with torch.no_grad():
+        t_fwd = timeit(lambda: cp_fusion(xs, fs, fo), device, reps, repeat)
+    pyro.clear_param_store()
+    pyro.enable_validation(False)
+    model = bf.Regressor(bf.CPFusion(sizes, outf, rank)).to(device)
+    guide = bf.make_guide("meanfield", model, xs, y)
+    svi = pyro.infer.SVI(
+        model, guide, pyro.optim.ClippedAdam({"lr": 0.01}), pyro.infer.Trace_ELBO()
+    )
+    t_svi = timeit(lambda: _svi_step(svi, (xs, y)), device, reps, repeat)
+    pyro.enable_validation(True)
+    g = f"throughput at batch {batch} on {device.type}"
+    for name, (t, spread) in (("CP forward", t_fwd), ("SVI step (meanfield)", t_svi)):
+        rep.rows.append(
+            {
+                "group": g,
+                "name": name,
+                "ms": t * 1e3,
+                "spread": spread,
+                "ratio": None,
+                "target": None,
+                "note": f"{batch / t:,.0f} rows/s",
+            }
+        )
+        print(f"[{g}] {name}: {batch / t:,.0f} rows/s", flush=True)
+
+
+def bench_nuts(rep, device, quick):
+    """NUTS effective samples per second for the sorted lambdas, with/without jit_compile."""
+    import warnings
+
+    from bayes_fusion.datasets import make_cp_regression
+
+    data = make_cp_regression((3, 4), 2, rank=2, num_data=150, noise=0.1, seed=0)
+    draws = 30 if quick else 150
+    g = "NUTS small synthetic (3,4)->2, max_rank 3, N=150"
+    results = {}
+    for jit in (False, True):
+        model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3))
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = bf.fit(
+                model,
+                data.inputs,
+                data.y,
+                guide="nuts",
+                num_samples=draws,
+                warmup_steps=draws,
+                max_tree_depth=6,
+                jit_compile=jit,
+                progress=False,
+            )
+            diag = res.diagnostics()
+        seconds = time.perf_counter() - t0
+        ess = diag["ess"]["layer.rank_scale (sorted)"]
+        results[jit] = ess / seconds
+        rep.rows.append(
+            {
+                "group": g,
+                "name": f"jit_compile={jit}",
+                "ms": seconds * 1e3,
+                "spread": 0.0,
+                "ratio": None if not jit else results[True] / results[False],
+                "target": None,
+                "note": f"min ESS sorted lambda {ess:.0f}, {ess / seconds:.2f} ESS/s, "
+                f"{sum(diag['divergences'])} divergences",
+            }
+        )
+        print(f"[{g}] jit={jit}: {ess / seconds:.2f} ESS/s", flush=True)
+
+
 def machine(device):
     info = {
         "device": str(device),
@@ -368,7 +556,7 @@ def main(argv=None):
     torch.manual_seed(0)
     rep = Report()
     t0 = time.perf_counter()
-    todo = args.only or ["cp_forward", "cp_memory", "xox", "svi"]
+    todo = args.only or ["cp_forward", "cp_memory", "xox", "svi", "scaling", "throughput", "nuts"]
     if "cp_forward" in todo:
         bench_cp_forward(rep, device, args.quick)
     if "cp_memory" in todo:
@@ -377,6 +565,12 @@ def main(argv=None):
         bench_xox(rep, device, args.quick)
     if "svi" in todo:
         bench_svi(rep, device, args.quick)
+    if "scaling" in todo:
+        bench_scaling(rep, device, args.quick, out)
+    if "throughput" in todo:
+        bench_throughput(rep, device, args.quick)
+    if "nuts" in todo:
+        bench_nuts(rep, device, args.quick)
     meta = machine(device)
     meta["quick"] = args.quick
     meta["seconds"] = round(time.perf_counter() - t0, 1)
