@@ -189,21 +189,9 @@ class FitResult:
         if seed is not None:
             pyro.set_rng_seed(seed)
         draws = self.posterior_samples(num_samples)
-        total = next(iter(draws.values())).shape[0]
         classify = isinstance(self.model, Classifier)
         means, obs = [], []
-        for start in range(0, total, chunk_size):
-            chunk = {k: v[start : start + chunk_size] for k, v in draws.items()}
-            n = next(iter(chunk.values())).shape[0]
-            pred = pyro.infer.Predictive(
-                self.model,
-                posterior_samples=chunk,
-                num_samples=n,
-                parallel=True,
-                return_sites=["_RETURN", "obs"],
-            )
-            with torch.no_grad(), self.param_scope():
-                out = pred(*args)
+        for out in self.predictive_chunks(draws, args, ["_RETURN", "obs"], chunk_size):
             ret = out["_RETURN"]
             means.append(ret.softmax(-1) if classify else ret)
             if not classify and "obs" in out:
@@ -225,6 +213,26 @@ class FitResult:
         if return_samples:
             result["samples"] = mean_draws
         return result
+
+    def predictive_chunks(
+        self, draws: dict[str, Tensor], args: tuple, sites: list[str], chunk_size: int = 100
+    ):
+        """Run the model on ``draws`` (site -> ``(S, ...)``) ``chunk_size`` draws at a time
+        (vectorized), yielding ``Predictive`` outputs for ``sites``: memory stays bounded by
+        the chunk, whatever ``S`` is."""
+        total = next(iter(draws.values())).shape[0]
+        for start in range(0, total, chunk_size):
+            chunk = {k: v[start : start + chunk_size] for k, v in draws.items()}
+            n = next(iter(chunk.values())).shape[0]
+            pred = pyro.infer.Predictive(
+                self.model,
+                posterior_samples=chunk,
+                num_samples=n,
+                parallel=True,
+                return_sites=sites,
+            )
+            with torch.no_grad(), self.param_scope():
+                yield pred(*args)
 
     def diagnostics(self) -> dict[str, Any]:
         """MCMC diagnostics: divergences per chain and r-hat / ESS of every site, with the

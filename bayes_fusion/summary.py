@@ -179,23 +179,14 @@ def _observed(result) -> torch.Tensor | None:
     return None
 
 
-def _predictive_obs(result, flat, inputs, y_shape, chunk_size: int = 100) -> torch.Tensor:
+def _predictive_obs(result, flat, inputs, y_shape) -> torch.Tensor:
     """Posterior predictive draws of ``obs`` for the given draws, ``(S, *y_shape)``."""
-    total = next(iter(flat.values())).shape[0]
-    out = []
-    for start in range(0, total, chunk_size):
-        chunk = {k: v[start : start + chunk_size] for k, v in flat.items()}
-        n = next(iter(chunk.values())).shape[0]
-        pred = pyro.infer.Predictive(
-            result.model,
-            posterior_samples=chunk,
-            num_samples=n,
-            parallel=True,
-            return_sites=["obs"],
-        )
-        with torch.no_grad(), result.param_scope():
-            out.append(pred(*inputs)["obs"].reshape((n,) + y_shape))
-    return torch.cat(out)
+    return torch.cat(
+        [
+            out["obs"].reshape((-1,) + y_shape)
+            for out in result.predictive_chunks(flat, inputs, ["obs"])
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
