@@ -147,3 +147,51 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, small):
     a = full.predict(small.inputs, num_samples=10, seed=3)["mean"]
     b = resumed.predict(small.inputs, num_samples=10, seed=3)["mean"]
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_lambda_collapse_under_map_is_reported():
+    # nutrimouse raw views: 40 rows, ~1200 parameters; MAP without the warm-up switches every
+    # component off, and fit says so
+    from bayes_fusion.datasets import load_nutrimouse
+
+    data = load_nutrimouse()
+    model = bf.Classifier(bf.CPFusion((120, 21), 5, max_rank=6))
+    with pytest.warns(RuntimeWarning, match=r"collapsed \(effective rank 0\).*raise eta"):
+        bf.fit(model, data.views, data.targets["diet"], guide="map", kl_warmup=0.0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(interval=1.5), ValueError, r"interval: expected a number in \(0, 1\), got 1.5"),
+        (dict(chunk_size=0), ValueError, r"chunk_size: expected an integer >= 1, got 0"),
+        (dict(num_samples=0), ValueError, r"num_samples: expected an integer >= 1, got 0"),
+    ],
+)
+def test_predict_bad_arguments(small, kwargs, exc, match):
+    res = bf.fit(_model(), small.inputs, small.y, num_steps=5, progress=False)
+    with pytest.raises(exc, match=match):
+        res.predict(small.inputs, **kwargs)
+
+
+def test_predict_wrong_inputs(small):
+    res = bf.fit(_model(), small.inputs, small.y, num_steps=5, progress=False)
+    with pytest.raises(ValueError, match=r"inputs\[1\]: expected 4 features"):
+        res.predict([small.inputs[0], small.inputs[0]])
+
+
+def test_more_chains_than_cpus_warns_and_runs_sequentially(small, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    with pytest.warns(RuntimeWarning, match="num_chains=2 > 1 CPUs: chains run one after"):
+        res = bf.fit(
+            _model(),
+            small.inputs,
+            small.y,
+            guide="nuts",
+            num_samples=5,
+            warmup_steps=5,
+            num_chains=2,
+            init_steps=20,
+            progress=False,
+        )
+    assert res.posterior_samples(group_by_chain=True)["layer.rank_scale"].shape[:2] == (2, 5)
