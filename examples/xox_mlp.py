@@ -53,8 +53,6 @@ def main(argv=None):
     y = torch.tensor(digits.target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     test, train = perm[:450], perm[450:]
-    if args.smoke:
-        train = train[:300]
 
     net = XOXMLP(64, args.hidden, 10, args.genes, 8)
     result = bf.fit(bf.Classifier(net), x[train], y[train], num_steps=steps, progress=False)
