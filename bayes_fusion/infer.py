@@ -536,6 +536,10 @@ def fit(
                 "batch_size: this model has no num_data attribute to scale its "
                 "likelihood; subsample inside your model instead"
             )
+    elif getattr(model, "num_data", None) not in (None, rows):
+        # full-batch fit: a dataset size left over from an earlier minibatch fit on other
+        # data would scale the likelihood wrongly
+        model.num_data = None
 
     # train in a private parameter-store scope: fits never collide by parameter name
     with pyro.get_param_store().scope() as param_state:

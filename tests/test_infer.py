@@ -251,3 +251,10 @@ def test_nuts_small_runs_and_diagnoses(small):
     assert pred["mean"].shape == (120, 2)
     with pytest.raises(ValueError, match="diagnostics: expected an MCMC"):
         bf.fit(_model(), small.inputs, small.y, num_steps=2, progress=False).diagnostics()
+
+
+def test_full_batch_fit_resets_a_stale_num_data(small):
+    model = _model()
+    model.num_data = 10_000  # left over from a minibatch fit on a larger data set
+    bf.fit(model, small.inputs, small.y, num_steps=2, progress=False)
+    assert model.num_data is None
