@@ -646,6 +646,7 @@ def fit(
         info = {
             "seconds": time.perf_counter() - t0,
             "steps": last_step,
+            "kl_warmup_steps": warmup,
             "rng_state": {"torch": torch.get_rng_state(), "batches": gen.get_state()},
         }
         result = FitResult(

@@ -271,7 +271,8 @@ def plot_relevance_forest(
 
 
 def plot_elbo(result, path=None, smooth: int = 25):
-    """The SVI loss (negative ELBO) per step, raw and smoothed.
+    """The SVI loss (negative ELBO) per step, raw and smoothed; the KL warm-up steps, during
+    which the loss is not the full negative ELBO, are shaded.
 
     :returns: ``(fig, ax)``.
     """
@@ -292,6 +293,9 @@ def plot_elbo(result, path=None, smooth: int = 25):
             lw=1.5,
             label=f"moving average ({smooth})",
         )
+    warmup = result.info.get("kl_warmup_steps") or 0
+    if warmup:
+        ax.axvspan(0, warmup, color="0.85", alpha=0.5, lw=0, label="KL warm-up (prior weight < 1)")
     ax.set_xlabel("step")
     ax.set_ylabel("negative ELBO")
     lo, hi = np.percentile(losses, [0, 95])
