@@ -60,7 +60,7 @@ def pointwise_log_likelihood(
     """
     args = args or result.args
     total = next(iter(samples.values())).shape[0]
-    _, nesting = result._latent_shapes, result._nesting
+    nesting = result._nesting
     out = []
     for start in range(0, total, chunk_size):
         chunk = {k: v[start : start + chunk_size] for k, v in samples.items()}

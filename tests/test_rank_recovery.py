@@ -10,15 +10,20 @@ pytestmark = pytest.mark.slow
 SEEDS = range(5)
 
 
-def _cp_fit(guide, seed, **kw):
-    data = make_cp_regression((8, 12, 10), 6, rank=3, num_data=2500, noise=0.1, seed=seed)
+def _fit_and_score(data, layer, guide, seed, **kw):
+    """Fit ``Regressor(layer)`` on 2000 rows; return the rank posterior and held-out RMSE."""
     train, test = data.split(2000)
-    model = bf.Regressor(bf.CPFusion((8, 12, 10), 6, max_rank=12))
-    res = bf.fit(model, train.inputs, train.y, guide=guide, seed=seed, progress=False, **kw)
+    res = bf.fit(
+        bf.Regressor(layer), train.inputs, train.y, guide=guide, seed=seed, progress=False, **kw
+    )
     rank = bf.rank_posterior(res, num_samples=200)["layer"]
     pred = res.predict(test.inputs, num_samples=100)["mean"]
-    rmse = float((pred - test.y).pow(2).mean().sqrt())
-    return rank, rmse
+    return rank, float((pred - test.y).pow(2).mean().sqrt())
+
+
+def _cp_fit(guide, seed, **kw):
+    data = make_cp_regression((8, 12, 10), 6, rank=3, num_data=2500, noise=0.1, seed=seed)
+    return _fit_and_score(data, bf.CPFusion((8, 12, 10), 6, max_rank=12), guide, seed, **kw)
 
 
 @pytest.mark.parametrize("guide", ["map", "meanfield", "lowrank"])
@@ -36,12 +41,7 @@ def test_cp_default_fit_finds_true_rank(guide):
 
 def _xox_fit(guide, seed, **kw):
     data = make_xox_regression(20, 10, genes=3, num_data=2500, noise=0.1, seed=seed)
-    train, test = data.split(2000)
-    model = bf.Regressor(bf.XOXLinear(20, 10, genes=8))
-    res = bf.fit(model, train.inputs, train.y, guide=guide, seed=seed, progress=False, **kw)
-    rank = bf.rank_posterior(res, num_samples=200)["layer"]
-    pred = res.predict(test.inputs, num_samples=100)["mean"]
-    return rank, float((pred - test.y).pow(2).mean().sqrt())
+    return _fit_and_score(data, bf.XOXLinear(20, 10, genes=8), guide, seed, **kw)
 
 
 @pytest.mark.parametrize("guide", ["map", "meanfield", "lowrank"])
