@@ -497,10 +497,13 @@ def fit(
         optimizer state, RNG state and the loss history are restored and training continues
         up to ``num_steps`` steps in total.
     :param num_samples: NUTS draws per chain. :param warmup_steps: NUTS warm-up per chain.
-    :param num_chains: NUTS chains (in parallel processes when there are enough CPUs).
+    :param num_chains: NUTS chains: in parallel processes when ``num_chains <= CPUs - 1``,
+        one after another when ``num_chains <= CPUs``; more than the CPU count raises
+        ``ValueError`` unless ``chain_method="sequential"``.
     :param nuts_kwargs: passed to the NUTS path: ``reparam`` (non-centred factors, default
         True), ``init`` (``"map"`` default or ``"default"``), ``init_steps``, ``jit_compile``,
-        ``max_tree_depth``, ``target_accept_prob``.
+        ``max_tree_depth``, ``target_accept_prob``, ``chain_method`` (``"auto"``,
+        ``"parallel"``, ``"sequential"``).
     :returns: :class:`FitResult`.
     :raises NonFiniteLossError: when a loss or gradient turns NaN/inf (names step and sites).
     """
@@ -745,18 +748,14 @@ def _fit_nuts(
     jit_compile=False,
     max_tree_depth=8,
     target_accept_prob=0.8,
+    chain_method="auto",
 ) -> FitResult:
     num_samples = check_positive_int("num_samples", num_samples)
     warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
     num_chains = check_positive_int("num_chains", num_chains)
     check_choice("init", init, ("map", "default"))
-    cpus = os.cpu_count() or 1
-    if num_chains > cpus:
-        warnings.warn(
-            f"num_chains={num_chains} > {cpus} CPUs: chains run one after another",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    check_choice("chain_method", chain_method, ("auto", "parallel", "sequential"))
+    parallel = _parallel_chains(num_chains, chain_method, os.cpu_count() or 1)
     scaled = _scaled_sites(model)
     nuts_model = model
     if reparam and scaled:
@@ -780,8 +779,6 @@ def _fit_nuts(
         max_tree_depth=max_tree_depth,
         target_accept_prob=target_accept_prob,
     )
-    # Pyro runs chains in parallel processes only when num_chains <= cpu_count - 1
-    parallel = 1 < num_chains <= max(1, cpus - 1)
     mcmc = MCMC(
         kernel,
         num_samples=num_samples,
@@ -818,6 +815,30 @@ def _fit_nuts(
         "init": init,
     }
     return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)
+
+
+def _parallel_chains(num_chains: int, chain_method: str, cpus: int) -> bool:
+    """Whether NUTS chains run in parallel processes; refuses impossible requests.
+
+    Pyro runs chains in parallel only when ``num_chains <= cpu_count - 1`` (one CPU stays with
+    the parent). ``"auto"`` runs them in parallel when that holds and one after another when
+    ``num_chains <= cpu_count``; more chains than CPUs is refused unless the user asks for
+    ``"sequential"`` explicitly (an oversubscribed machine is a likely mistake).
+    """
+    if num_chains == 1 or chain_method == "sequential":
+        return False
+    fits = num_chains <= max(1, cpus - 1)
+    if chain_method == "parallel" and not fits:
+        raise ValueError(
+            f"num_chains: chain_method='parallel' needs num_chains <= CPU count - 1 = "
+            f"{cpus - 1}, got {num_chains}; use chain_method='sequential'"
+        )
+    if num_chains > cpus:
+        raise ValueError(
+            f"num_chains: expected at most the CPU count ({cpus}), got {num_chains}; pass "
+            "chain_method='sequential' to run more chains one after another"
+        )
+    return fits
 
 
 def _divergences(mcmc) -> list[list[int]]:

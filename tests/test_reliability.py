@@ -180,18 +180,38 @@ def test_predict_wrong_inputs(small):
         res.predict([small.inputs[0], small.inputs[0]])
 
 
-def test_more_chains_than_cpus_warns_and_runs_sequentially(small, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    with pytest.warns(RuntimeWarning, match="num_chains=2 > 1 CPUs: chains run one after"):
-        res = bf.fit(
+def test_more_chains_than_cpus_is_refused(small, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(
+        ValueError, match=r"num_chains: expected at most the CPU count \(2\), got 3"
+    ):
+        bf.fit(_model(), small.inputs, small.y, guide="nuts", num_chains=3, progress=False)
+    with pytest.raises(ValueError, match=r"chain_method='parallel' needs num_chains <= CPU"):
+        bf.fit(
             _model(),
             small.inputs,
             small.y,
             guide="nuts",
-            num_samples=5,
-            warmup_steps=5,
             num_chains=2,
-            init_steps=20,
+            chain_method="parallel",
             progress=False,
         )
+    with pytest.raises(ValueError, match=r"chain_method: expected one of"):
+        bf.fit(_model(), small.inputs, small.y, guide="nuts", chain_method="fast")
+
+
+def test_explicit_sequential_chains_may_exceed_cpus(small, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    res = bf.fit(
+        _model(),
+        small.inputs,
+        small.y,
+        guide="nuts",
+        num_samples=5,
+        warmup_steps=5,
+        num_chains=2,
+        chain_method="sequential",
+        init_steps=20,
+        progress=False,
+    )
     assert res.posterior_samples(group_by_chain=True)["layer.rank_scale"].shape[:2] == (2, 5)
