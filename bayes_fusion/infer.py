@@ -464,6 +464,8 @@ def fit(
     num_samples: int = 500,
     warmup_steps: int = 500,
     num_chains: int = 1,
+    distributed: bool = False,
+    distributed_timeout: float = 120.0,
     **nuts_kwargs,
 ) -> FitResult:
     """Fit ``model`` to data by SVI or NUTS.
@@ -500,6 +502,12 @@ def fit(
     :param num_chains: NUTS chains: in parallel processes when ``num_chains <= CPUs - 1``,
         one after another when ``num_chains <= CPUs``; more than the CPU count raises
         ``ValueError`` unless ``chain_method="sequential"``.
+    :param distributed: data-parallel SVI across the processes of a ``torchrun`` launch (see
+        :mod:`bayes_fusion.distributed`): every rank passes the same full ``args``, evaluates
+        its shard of each global batch (``batch_size`` is the global batch) and applies the
+        rank-averaged gradient; checkpoints are written by rank 0 only.
+    :param distributed_timeout: seconds a collective waits for a peer before
+        :class:`~bayes_fusion.distributed.DistributedError` is raised.
     :param nuts_kwargs: passed to the NUTS path: ``reparam`` (non-centred factors, default
         True), ``init`` (``"map"`` default or ``"default"``), ``init_steps``, ``jit_compile``,
         ``max_tree_depth``, ``target_accept_prob``, ``chain_method`` (``"auto"``,
@@ -516,6 +524,10 @@ def fit(
             raise TypeError(f"seed: expected an int or None, got {seed!r}")
         pyro.set_rng_seed(seed)
     _check_args_finite(args)
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed: expected True or False, got {distributed!r}")
+    if distributed and guide == "nuts":
+        raise ValueError("distributed: NUTS runs on one process; use num_chains for parallelism")
     if guide == "nuts":
         return _fit_nuts(
             model, args, num_samples, warmup_steps, num_chains, progress, **nuts_kwargs
@@ -527,6 +539,11 @@ def fit(
     num_particles = check_positive_int("num_particles", num_particles)
     checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every)
     rows = _num_rows(args)
+    sync = (
+        _start_distributed(model, args, rows, batch_size, distributed_timeout)
+        if distributed
+        else None
+    )
     if batch_size is not None:
         batch_size = check_positive_int("batch_size", batch_size)
         if rows is None:
@@ -539,6 +556,8 @@ def fit(
                 "batch_size: this model has no num_data attribute to scale its "
                 "likelihood; subsample inside your model instead"
             )
+    elif sync is not None:
+        model.num_data = rows  # each rank sees a shard: scale its likelihood to all rows
     elif getattr(model, "num_data", None) not in (None, rows):
         # full-batch fit: a dataset size left over from an earlier minibatch fit on other
         # data would scale the likelihood wrongly
@@ -547,6 +566,8 @@ def fit(
     # train in a private parameter-store scope: fits never collide by parameter name
     with pyro.get_param_store().scope() as param_state:
         proto_args = args if batch_size is None else slice_rows(args, slice(0, batch_size))
+        if sync is not None:
+            proto_args = slice_rows(args, sync.plan.local_rows(torch.arange(batch_size or rows)))
         if isinstance(guide, str):
             method = guide
             guide_obj = make_guide(guide, model, *proto_args, init_scale=init_scale)
@@ -565,10 +586,11 @@ def fit(
         gen = torch.Generator()
         gen.manual_seed(0 if seed is None else seed)
         start_step = 0
+        # create the guide's parameters before the first step (same RNG use in every mode)
+        with poutine.block(), torch.no_grad():
+            guide_obj(*proto_args)
         if resume is not None:
             state = resume.state() if isinstance(resume, FitResult) else _read_state(resume)
-            with poutine.block(), torch.no_grad():
-                guide_obj(*proto_args)
             guide_obj.load_state_dict(state["guide_state"])
             if state.get("optim_state"):
                 optim.set_state(state["optim_state"])
@@ -591,15 +613,29 @@ def fit(
         anneal = _PriorAnneal()
         svi = SVI(anneal(model), anneal(guide_obj), optim, elbo)
         warmup = int(kl_warmup * num_steps)
+        synced_params: list[torch.Tensor] = []
+        if sync is not None:
+            # start every rank from rank 0's values, as DDP does
+            synced_params = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+            sync.broadcast_params(synced_params)
 
-        def batches():
+        def global_batches():
             while True:
                 if batch_size is None or batch_size >= rows:
-                    yield args
+                    yield None
                     continue
                 perm = torch.randperm(rows, generator=gen)
                 for i in range(0, rows - batch_size + 1, batch_size):
-                    yield slice_rows(args, perm[i : i + batch_size])
+                    yield perm[i : i + batch_size]
+
+        def batches():
+            for idx in global_batches():
+                if sync is None:
+                    yield args if idx is None else slice_rows(args, idx)
+                    continue
+                idx = torch.arange(rows) if idx is None else idx
+                anneal.obs_scale = sync.plan.likelihood_weight(len(idx))
+                yield slice_rows(args, sync.plan.local_rows(idx))
 
         from tqdm.auto import tqdm
 
@@ -621,7 +657,7 @@ def fit(
             batch = next(batch_iter)
             anneal.beta = min(1.0, (step + 1) / warmup) if warmup else 1.0
             try:
-                loss = _svi_step(svi, batch)
+                loss = _svi_step(svi, batch, sync, step)
             except ValueError as exc:
                 # with validation on, Pyro refuses NaN distribution parameters before the loss
                 if "invalid values" not in str(exc):
@@ -633,8 +669,12 @@ def fit(
             last_step = step + 1
             if progress and step % 50 == 0:
                 bar.set_postfix(loss=f"{loss:.4g}")
-            if callback is not None and callback(step, loss):
-                break
+            if callback is not None:
+                stop = bool(callback(step, loss))
+                if sync is not None:
+                    stop = sync.any(stop, f"the callback stop vote of step {step}")
+                if stop:
+                    break
             if early_stopping is not None:
                 smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
                 if smoothed < best - early_stopping_tol * abs(best):
@@ -644,14 +684,21 @@ def fit(
                     if since_best >= early_stopping:
                         break
             if checkpoint_path is not None and last_step % checkpoint_every == 0:
-                _checkpoint(model, guide_obj, method, args, losses, optim, gen, checkpoint_path)
+                if sync is not None:
+                    sync.check_in_sync(synced_params, last_step)
+                if sync is None or sync.rank == 0:
+                    _checkpoint(model, guide_obj, method, args, losses, optim, gen, checkpoint_path)
         bar.close()
+        if sync is not None:
+            sync.check_in_sync(synced_params, last_step)
         info = {
             "seconds": time.perf_counter() - t0,
             "steps": last_step,
             "kl_warmup_steps": warmup,
             "rng_state": {"torch": torch.get_rng_state(), "batches": gen.get_state()},
         }
+        if sync is not None:
+            info["distributed"] = {"rank": sync.rank, "world_size": sync.world_size}
         result = FitResult(
             model,
             guide_obj,
@@ -662,22 +709,29 @@ def fit(
             optim_state=optim.get_state(),
             param_state=param_state,
         )
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and (sync is None or sync.rank == 0):
             result.save(checkpoint_path)
+        if sync is not None:
+            sync.barrier("the end-of-fit barrier")  # the checkpoint exists when fit returns
         _warn_on_collapse(result)
         return result
 
 
 class _PriorAnneal(pyro.poutine.messenger.Messenger):
-    """Scales every latent (non-observed) sample site's log-density by ``beta``."""
+    """Scales every latent sample site's log-density by ``beta`` (KL warm-up) and every
+    observed site's by ``obs_scale`` (a distributed rank's shard weight)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.beta = 1.0
+        self.obs_scale = 1.0
 
     def _process_message(self, msg) -> None:
-        if msg["type"] == "sample" and not msg["is_observed"] and self.beta != 1.0:
-            msg["scale"] = msg["scale"] * self.beta
+        if msg["type"] != "sample":
+            return
+        factor = self.obs_scale if msg["is_observed"] else self.beta
+        if factor != 1.0:
+            msg["scale"] = msg["scale"] * factor
 
 
 def _checkpoint(model, guide, method, args, losses, optim, gen, path) -> None:
@@ -687,12 +741,24 @@ def _checkpoint(model, guide, method, args, losses, optim, gen, path) -> None:
     )
 
 
-def _svi_step(svi: SVI, batch) -> float:
-    """One SVI step that refuses to apply non-finite gradients."""
+def _svi_step(svi: SVI, batch, sync=None, step: int = 0) -> float:
+    """One SVI step that refuses to apply non-finite gradients.
+
+    With ``sync`` (distributed), loss and gradients are averaged over ranks first, so a
+    non-finite value on any rank stops every rank at the same step.
+    """
     with poutine.trace(param_only=True) as capture:
-        loss = svi.loss_and_grads(svi.model, svi.guide, *batch)
-    params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        try:
+            loss = svi.loss_and_grads(svi.model, svi.guide, *batch)
+        except ValueError as exc:
+            if sync is None or "invalid values" not in str(exc):
+                raise
+            loss = float("nan")  # tell the other ranks before stopping
+    sites = sorted(capture.trace.nodes.items())
+    params = [site["value"].unconstrained() for _, site in sites]
     loss = float(loss)
+    if sync is not None:
+        loss = sync.average(loss, params, step)
     if not math.isfinite(loss):
         return loss
     grads = [p.grad for p in params if p.grad is not None]
@@ -701,6 +767,31 @@ def _svi_step(svi: SVI, batch) -> float:
     svi.optim(params)
     pyro.infer.util.zero_grads(params)
     return loss
+
+
+def _start_distributed(model, args, rows, batch_size, timeout):
+    """Join the torchrun process group and return the gradient synchroniser."""
+    from . import distributed as bfdist
+
+    if rows is None:
+        raise ValueError("distributed: the model arguments hold no tensor with rows to shard")
+    if not hasattr(model, "num_data"):
+        raise ValueError(
+            "distributed: this model has no num_data attribute to scale each rank's shard "
+            "of the likelihood; use bf.Regressor/bf.Classifier or add num_data to your model"
+        )
+    params = list(model.parameters()) + list(model.buffers())
+    device = params[0].device if params else torch.device("cpu")
+    bfdist.init(device=device, timeout=timeout)
+    bfdist.check_backend_device(device)
+    sync = bfdist.GradientSync(device)
+    smallest = min(rows, batch_size or rows)
+    if smallest < sync.world_size:
+        raise ValueError(
+            f"batch_size: expected at least one row per process ({sync.world_size}), "
+            f"got a global batch of {smallest}"
+        )
+    return sync
 
 
 def _warn_on_collapse(result: FitResult) -> None:
