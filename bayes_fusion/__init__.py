@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import datasets, ops  # noqa: E402
+from . import datasets, distributed, ops  # noqa: E402
 from .contributions import ModalityContributions, modality_contributions  # noqa: E402
 from .guides import GUIDES, make_guide, rank_layers  # noqa: E402
 from .infer import FitResult, NonFiniteLossError, fit, load  # noqa: E402
@@ -49,6 +49,7 @@ __all__ = [
     "cpfusion_values_from_tltorch",
     "cpfusion_values_to_tltorch",
     "datasets",
+    "distributed",
     "effective_rank_draws",
     "fit",
     "load",

@@ -101,6 +101,7 @@ class GradientSync:
         self.world_size = dist.get_world_size()
         self.device = torch.device(device)
         self.plan = ShardPlan(self.rank, self.world_size)
+        self.params: list[torch.Tensor] = []
 
     def _collective(self, what: str, fn, *args, **kwargs):
         try:
@@ -111,8 +112,10 @@ class GradientSync:
                 f"process died or did not answer in time ({type(exc).__name__}: {exc})"
             ) from exc
 
-    def broadcast_params(self, params: list[torch.Tensor]) -> None:
-        """Copy rank 0's parameter values to every rank (as DDP does at construction)."""
+    def attach(self, params: list[torch.Tensor]) -> None:
+        """Synchronise these parameters (same order on every rank) from now on and copy rank
+        0's values to every rank, as DDP does at construction."""
+        self.params = list(params)
         if not params:
             return
         with torch.no_grad():
@@ -124,13 +127,16 @@ class GradientSync:
                 p.copy_(flat[offset : offset + n].view_as(p))
                 offset += n
 
-    def average(self, loss: float, params: list[torch.Tensor], step: int) -> float:
-        """All-reduce ``loss`` and the gradients of ``params`` (in place) to their rank mean.
+    def average(self, loss: float, step: int) -> float:
+        """All-reduce ``loss`` and the attached parameters' gradients (in place) to their mean.
 
-        One flat buffer carries every gradient and the loss, so a step costs one collective.
-        A parameter without gradient contributes zeros and keeps ``grad = None`` afterwards.
+        One flat buffer carries every gradient and the loss, so a step costs one collective;
+        its layout is fixed at :meth:`attach`, so it matches across ranks even when one rank's
+        step failed half-way. A parameter without gradient contributes zeros and keeps
+        ``grad = None`` afterwards.
         :returns: the mean loss over ranks (NaN when any rank's loss is non-finite).
         """
+        params = self.params
         grads = [p.grad for p in params]
         pieces = [
             g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=p.device)
@@ -156,8 +162,9 @@ class GradientSync:
         self._collective(what, dist.all_reduce, t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def check_in_sync(self, params: list[torch.Tensor], step: int) -> None:
+    def check_in_sync(self, step: int) -> None:
         """Raise :class:`DistributedError` when ranks hold different parameter values."""
+        params = self.params
         with torch.no_grad():
             total = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(params))
             t = torch.stack([torch.as_tensor(total), -torch.as_tensor(total)]).to(self.device)

@@ -613,11 +613,9 @@ def fit(
         anneal = _PriorAnneal()
         svi = SVI(anneal(model), anneal(guide_obj), optim, elbo)
         warmup = int(kl_warmup * num_steps)
-        synced_params: list[torch.Tensor] = []
         if sync is not None:
             # start every rank from rank 0's values, as DDP does
-            synced_params = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
-            sync.broadcast_params(synced_params)
+            sync.attach([p for _, p in sorted(pyro.get_param_store().named_parameters())])
 
         def global_batches():
             while True:
@@ -685,12 +683,12 @@ def fit(
                         break
             if checkpoint_path is not None and last_step % checkpoint_every == 0:
                 if sync is not None:
-                    sync.check_in_sync(synced_params, last_step)
+                    sync.check_in_sync(last_step)
                 if sync is None or sync.rank == 0:
                     _checkpoint(model, guide_obj, method, args, losses, optim, gen, checkpoint_path)
         bar.close()
         if sync is not None:
-            sync.check_in_sync(synced_params, last_step)
+            sync.check_in_sync(last_step)
         info = {
             "seconds": time.perf_counter() - t0,
             "steps": last_step,
@@ -758,7 +756,7 @@ def _svi_step(svi: SVI, batch, sync=None, step: int = 0) -> float:
     params = [site["value"].unconstrained() for _, site in sites]
     loss = float(loss)
     if sync is not None:
-        loss = sync.average(loss, params, step)
+        loss = sync.average(loss, step)
     if not math.isfinite(loss):
         return loss
     grads = [p.grad for p in params if p.grad is not None]

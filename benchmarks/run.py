@@ -516,6 +516,59 @@ def bench_nuts(rep, device, quick):
         print(f"[{g}] jit={jit}: {ess / seconds:.2f} ESS/s", flush=True)
 
 
+def bench_distributed(rep, device, quick, out):
+    """Per-step time of fit(distributed=True) with 2 processes vs 1 process (same global batch).
+
+    On a CPU machine both sides use all cores: 1 process with every thread vs 2 processes with
+    half the threads each; the 1-process-1-thread row shows what one rank computes alone.
+    """
+    script = Path(__file__).resolve().parent / "distributed_step.py"
+    cores = os.cpu_count() or 1
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        print("[distributed] skipped: needs 2 GPUs (one per process)", flush=True)
+        return
+    steps = 40 if quick else 300
+    for size in ("small",) if quick else ("small", "large"):
+        times = {}
+        for label, procs, threads in (
+            ("1 process, all threads", 1, cores),
+            ("1 process, 1 thread", 1, 1),
+            ("2 processes (torchrun, gloo)", 2, max(1, cores // 2)),
+        ):
+            if device.type == "cuda" and procs == 1 and threads == 1:
+                continue
+            path = out / f"distributed_{size}_{procs}_{threads}.json"
+            cmd = [sys.executable, str(script), "--size", size, "--steps", str(steps)]
+            cmd += ["--device", device.type, "--json", str(path)]
+            if procs > 1:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    str(procs),
+                    *cmd[1:],
+                ]
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            subprocess.run(cmd, check=True, env=env, timeout=900, capture_output=True)
+            times[label] = json.loads(path.read_text())
+            path.unlink()
+        sizes_, outf, rank, rows, batch = __import__("distributed_step").SIZES[size]
+        g = f"distributed SVI step {size}: {sizes_}->{outf} R{rank}, global batch {batch}"
+        base = times["1 process, all threads"]["seconds_per_step"]
+        for label, info in times.items():
+            t = info["seconds_per_step"]
+            rep.add(
+                g,
+                f"{label} vs 1 process",
+                t,
+                0.0,
+                baseline=base,
+                note=f"{info['threads']} threads per process",
+            )
+
+
 def machine(device):
     info = {
         "device": str(device),
@@ -546,7 +599,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
-        "--only", nargs="*", default=None, help="subset: cp_forward cp_memory xox svi"
+        "--only",
+        nargs="*",
+        default=None,
+        help="subset: cp_forward cp_memory xox svi scaling throughput nuts distributed",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -557,7 +613,16 @@ def main(argv=None):
     torch.manual_seed(0)
     rep = Report()
     t0 = time.perf_counter()
-    todo = args.only or ["cp_forward", "cp_memory", "xox", "svi", "scaling", "throughput", "nuts"]
+    todo = args.only or [
+        "cp_forward",
+        "cp_memory",
+        "xox",
+        "svi",
+        "scaling",
+        "throughput",
+        "nuts",
+        "distributed",
+    ]
     if "cp_forward" in todo:
         bench_cp_forward(rep, device, args.quick)
     if "cp_memory" in todo:
@@ -572,6 +637,8 @@ def main(argv=None):
         bench_throughput(rep, device, args.quick)
     if "nuts" in todo:
         bench_nuts(rep, device, args.quick)
+    if "distributed" in todo:
+        bench_distributed(rep, device, args.quick, out)
     meta = machine(device)
     meta["quick"] = args.quick
     meta["seconds"] = round(time.perf_counter() - t0, 1)

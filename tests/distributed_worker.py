@@ -4,6 +4,7 @@ usage: python distributed_worker.py OUT_DIR MODE [STEPS]
   MODE "match": a short float64 minibatch fit recording every step's parameters, then a
         default-length float32 fit whose effective rank is recorded; rank 0 checkpoints.
   MODE "die":  rank 1 exits abruptly at step 20; the others must fail with a clear error.
+  MODE "nan":  rank 1 poisons a parameter at step 10; every rank must stop at step 11.
   MODE "hang": rank 1 stops answering at step 20; the others must time out with a clear error.
 It is also imported by the tests to run the same fits in one process.
 """
@@ -110,6 +111,22 @@ def main() -> None:
             distributed_timeout=float(sys.argv[3]),
             callback=die,
         )
+    elif mode == "nan":
+        inputs, y = data()
+
+        def poison(step, loss):
+            if rank == 1 and step == 10:
+                with torch.no_grad():
+                    name, p = sorted(pyro.get_param_store().named_parameters())[0]
+                    p.view(-1)[0] = float("nan")
+
+        try:
+            bf.fit(
+                model(), inputs, y, num_steps=100, progress=False, distributed=True, callback=poison
+            )
+        except bf.NonFiniteLossError as exc:
+            print(f"rank {rank} stopped: {exc}")
+            raise SystemExit(4) from None
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

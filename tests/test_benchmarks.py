@@ -24,4 +24,6 @@ def test_benchmarks_quick_writes_table(tmp_path):
     assert any(g.startswith("CP forward memory") for g in groups)
     assert any(g.startswith("XOX forward") for g in groups)
     assert any(g.startswith("SVI step") for g in groups)
+    dist_rows = [r for r in rows if r["group"].startswith("distributed SVI step small")]
+    assert {r["name"].split(" vs")[0] for r in dist_rows} >= {"2 processes (torchrun, gloo)"}
     assert all(r["ms"] >= 0 for r in rows)

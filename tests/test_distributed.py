@@ -98,6 +98,15 @@ def test_killed_peer_makes_the_other_fail_clearly(tmp_path):
     assert time.monotonic() - t0 < 90
 
 
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    procs = _launch(2, str(tmp_path), "nan")
+    results = _wait(procs, timeout=120)
+    for code, out, err in results:
+        assert code == 4, err[-3000:]
+        assert "stopped: " in out and "step 11" in out, out
+    assert "rank 0" in results[0][1] and "rank 1" in results[1][1]
+
+
 def test_hung_peer_makes_the_other_time_out_clearly(tmp_path):
     t0 = time.monotonic()
     procs = _launch(2, str(tmp_path), "hang", "5")

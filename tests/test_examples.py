@@ -93,3 +93,35 @@ def test_guides_compared_smoke(tmp_path):
         if ln and ln[0] in methods:
             p_true, lpd = float(ln[1]), float(ln[3])
             assert 0.0 <= p_true <= 1.0 and lpd == lpd  # a probability; lpd is not NaN
+
+
+def test_distributed_fit_smoke_under_torchrun(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "examples" / "distributed_fit.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("processes: 2") == 1  # rank 0 reports, rank 1 stays quiet
+    rmse = float(out.split("RMSE ")[1].split()[0])
+    assert rmse < 0.2  # noise 0.1
+    assert (tmp_path / "fit.pt").exists() and (tmp_path / "rank_posterior.png").exists()
+
+
+def test_distributed_fit_runs_without_torchrun(tmp_path):
+    out = run_example("distributed_fit.py", tmp_path, "--steps", "100")
+    assert "processes: 1" in out
