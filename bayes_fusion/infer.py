@@ -611,7 +611,12 @@ def fit(
             else Trace_ELBO(**elbo_kwargs)
         )
         anneal = _PriorAnneal()
-        svi = SVI(anneal(model), anneal(guide_obj), optim, elbo)
+        if jit:
+            # JitTrace_ELBO bakes Python numbers into the compiled graph: the KL weight must
+            # enter as a tensor argument (the last one) to change from step to step
+            svi = SVI(anneal.from_last_arg(model), anneal.from_last_arg(guide_obj), optim, elbo)
+        else:
+            svi = SVI(anneal(model), anneal(guide_obj), optim, elbo)
         warmup = int(kl_warmup * num_steps)
         if sync is not None:
             # start every rank from rank 0's values, as DDP does
@@ -653,9 +658,10 @@ def fit(
         last_step = start_step
         for step in bar:
             batch = next(batch_iter)
-            anneal.beta = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            beta = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            anneal.beta = beta
             try:
-                loss = _svi_step(svi, batch, sync, step)
+                loss = _svi_step(svi, (*batch, torch.tensor(beta)) if jit else batch, sync, step)
             except ValueError as exc:
                 # with validation on, Pyro refuses NaN distribution parameters before the loss
                 if "invalid values" not in str(exc):
@@ -728,8 +734,17 @@ class _PriorAnneal(pyro.poutine.messenger.Messenger):
         if msg["type"] != "sample":
             return
         factor = self.obs_scale if msg["is_observed"] else self.beta
-        if factor != 1.0:
+        if isinstance(factor, torch.Tensor) or factor != 1.0:
             msg["scale"] = msg["scale"] * factor
+
+    def from_last_arg(self, fn):
+        """``fn`` under this messenger, taking ``beta`` as a tensor appended to its args."""
+
+        def weighted(*args, **kwargs):
+            self.beta = args[-1]
+            return self(fn)(*args[:-1], **kwargs)
+
+        return weighted
 
 
 def _checkpoint(model, guide, method, args, losses, optim, gen, path) -> None:

@@ -55,6 +55,14 @@ def test_vectorized_particles_and_jit(small):
     assert all(math.isfinite(v) for v in res.losses)
 
 
+def test_jit_follows_the_kl_warmup(small):
+    # JitTrace_ELBO compiles the loss once: the KL weight must still change every step
+    kw = dict(guide="map", num_steps=8, kl_warmup=0.5, progress=False)
+    plain = bf.fit(_model(), small.inputs, small.y, **kw)
+    jitted = bf.fit(_model(), small.inputs, small.y, jit=True, **kw)
+    assert jitted.losses == pytest.approx(plain.losses, rel=1e-4)
+
+
 def test_minibatch_sets_num_data(small):
     model = _model()
     res = bf.fit(model, small.inputs, small.y, num_steps=20, batch_size=40, progress=False)
