@@ -851,14 +851,40 @@ def _fit_nuts(
     init_steps=2000,
     jit_compile=False,
     max_tree_depth=8,
-    target_accept_prob=0.8,
+    target_accept_prob=0.9,
     chain_method="auto",
+    marginalize="auto",
+    full_mass="auto",
 ) -> FitResult:
+    from .marginal import supports_marginal
+
     num_samples = check_positive_int("num_samples", num_samples)
     warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
     num_chains = check_positive_int("num_chains", num_chains)
     check_choice("init", init, ("map", "default"))
     check_choice("chain_method", chain_method, ("auto", "parallel", "sequential"))
+    check_choice("marginalize", marginalize, ("auto", True, False))
+    check_choice("full_mass", full_mass, ("auto", True, False))
+    if marginalize is True and not supports_marginal(model):
+        raise ValueError(
+            "marginalize: True needs a full-batch Regressor(CPFusion(...)) (Gaussian "
+            f"likelihood, conjugate output factor), got {type(model).__name__}"
+        )
+    if marginalize in ("auto", True) and supports_marginal(model):
+        return _fit_nuts_marginal(
+            model,
+            args,
+            num_samples,
+            warmup_steps,
+            num_chains,
+            progress,
+            init,
+            init_steps,
+            max_tree_depth,
+            target_accept_prob,
+            chain_method,
+            full_mass,
+        )
     parallel = _parallel_chains(num_chains, chain_method, os.cpu_count() or 1)
     scaled = _scaled_sites(model)
     nuts_model = model
@@ -921,21 +947,22 @@ def _fit_nuts(
     return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)
 
 
-def _parallel_chains(num_chains: int, chain_method: str, cpus: int) -> bool:
+def _parallel_chains(num_chains: int, chain_method: str, cpus: int, reserve: int = 1) -> bool:
     """Whether NUTS chains run in parallel processes; refuses impossible requests.
 
-    Pyro runs chains in parallel only when ``num_chains <= cpu_count - 1`` (one CPU stays with
-    the parent). ``"auto"`` runs them in parallel when that holds and one after another when
+    Pyro runs chains in parallel only when ``num_chains <= cpu_count - 1`` (``reserve=1``: one
+    CPU stays with the parent); the collapsed CP path runs its own worker processes and needs
+    no reserve. ``"auto"`` runs chains in parallel when they fit and one after another when
     ``num_chains <= cpu_count``; more chains than CPUs is refused unless the user asks for
     ``"sequential"`` explicitly (an oversubscribed machine is a likely mistake).
     """
     if num_chains == 1 or chain_method == "sequential":
         return False
-    fits = num_chains <= max(1, cpus - 1)
+    fits = num_chains <= max(1, cpus - reserve)
     if chain_method == "parallel" and not fits:
         raise ValueError(
-            f"num_chains: chain_method='parallel' needs num_chains <= CPU count - 1 = "
-            f"{cpus - 1}, got {num_chains}; use chain_method='sequential'"
+            f"num_chains: chain_method='parallel' needs num_chains <= CPU count - {reserve} = "
+            f"{cpus - reserve}, got {num_chains}; use chain_method='sequential'"
         )
     if num_chains > cpus:
         raise ValueError(
@@ -943,6 +970,87 @@ def _parallel_chains(num_chains: int, chain_method: str, cpus: int) -> bool:
             "chain_method='sequential' to run more chains one after another"
         )
     return fits
+
+
+def _fit_nuts_marginal(
+    model,
+    args,
+    num_samples,
+    warmup_steps,
+    num_chains,
+    progress,
+    init,
+    init_steps,
+    max_tree_depth,
+    target_accept_prob,
+    chain_method,
+    full_mass,
+) -> FitResult:
+    """NUTS on Regressor(CPFusion) with the output factor and bias integrated out."""
+    from .marginal import CPRegressionMarginal, run_chains
+
+    parallel = _parallel_chains(num_chains, chain_method, os.cpu_count() or 1, reserve=0)
+    t0 = time.perf_counter()
+    layer = model.layer
+    if init == "map":
+        pre = fit(model, *args, guide="map", num_steps=init_steps, progress=False, seed=None)
+        values = {k: v[0].detach() for k, v in pre.posterior_samples(1).items()}
+        # components the data pin down mix better centred, the others non-centred
+        short = {name.split(".", 1)[-1]: v for name, v in values.items()}
+        rel = layer.relevance(short)
+        centered = (rel > 0.05 * rel.max()).to(rel.dtype)
+    else:
+        values = dict(layer.init_values())
+        centered = None
+    potential = CPRegressionMarginal(model, *args, centered=centered)
+    values.setdefault("noise", potential.y.std(0).clamp(min=1e-3))
+    start = potential.to_unconstrained(values)
+    dim = sum(v.numel() for v in start.values())
+    kernel_kwargs = {
+        "max_tree_depth": max_tree_depth,
+        "target_accept_prob": target_accept_prob,
+        # a dense mass matrix absorbs the linear correlations between scales and factors
+        "full_mass": dim <= 500 if full_mass == "auto" else bool(full_mass),
+    }
+    if kernel_kwargs["full_mass"] and init == "map":
+        from .marginal import laplace_inverse_mass_matrix
+
+        metric = laplace_inverse_mass_matrix(potential, start)
+        if metric is not None:
+            kernel_kwargs["initial_inverse_mass_matrix"] = metric
+    seeds = torch.randint(0, 2**31 - 1, (num_chains,)).tolist()
+    raw, div_idx = run_chains(
+        potential,
+        start,
+        num_chains,
+        num_samples,
+        warmup_steps,
+        seeds,
+        kernel_kwargs,
+        parallel,
+        progress,
+    )
+    with torch.no_grad():
+        constrained = potential.constrain(raw)  # (C, S, ...)
+        flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in constrained.items()}
+        drawn = potential.sample_conditional(flat)
+    lead = (num_chains, num_samples)
+    samples = {k: v.reshape(lead + v.shape[2:]) for k, v in constrained.items()}
+    samples.update({k: v.reshape(lead + v.shape[1:]) for k, v in drawn.items()})
+    info = {
+        "seconds": time.perf_counter() - t0,
+        "divergences": [len(d) for d in div_idx],
+        "divergence_indices": div_idx,
+        "num_chains": num_chains,
+        "reparam": True,
+        "init": init,
+        "marginalized": [potential.out_site]
+        + ([potential.bias_site] if potential.bias_site else []),
+        "full_mass": kernel_kwargs["full_mass"],
+        "centered_components": potential.centered.tolist(),
+        "parallel": parallel,
+    }
+    return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)
 
 
 def _divergences(mcmc) -> list[list[int]]:
