@@ -510,8 +510,11 @@ def fit(
         :class:`~bayes_fusion.distributed.DistributedError` is raised.
     :param nuts_kwargs: passed to the NUTS path: ``reparam`` (non-centred factors, default
         True), ``init`` (``"map"`` default or ``"default"``), ``init_steps``, ``jit_compile``,
-        ``max_tree_depth``, ``target_accept_prob``, ``chain_method`` (``"auto"``,
-        ``"parallel"``, ``"sequential"``).
+        ``max_tree_depth`` (8), ``target_accept_prob`` (0.9), ``chain_method`` (``"auto"``,
+        ``"parallel"``, ``"sequential"``), ``marginalize`` (``"auto"``: integrate the output
+        factor and bias out for ``Regressor(CPFusion)``, see :mod:`bayes_fusion.marginal`;
+        ``False``: the generic path), ``full_mass`` (``"auto"``: dense metric up to 500
+        dimensions on the collapsed path).
     :returns: :class:`FitResult`.
     :raises NonFiniteLossError: when a loss or gradient turns NaN/inf (names step and sites).
     """

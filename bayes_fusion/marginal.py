@@ -360,7 +360,12 @@ def _run_in_processes(jobs: list[tuple], threads: int) -> list:
 
     with tempfile.TemporaryDirectory(prefix="bf-chains-") as tmp:
         procs = []
-        env = dict(__import__("os").environ, OMP_NUM_THREADS=str(threads))
+        import os
+
+        # the workers must import this very package, even when it is not installed
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
         for i, job in enumerate(jobs):
             src, dst = Path(tmp) / f"in{i}.pt", Path(tmp) / f"out{i}.pt"
             torch.save(job, src)
