@@ -310,38 +310,12 @@ def run_chains(
     import pyro
 
     validate = pyro.infer.util.is_validation_enabled()
+    jobs = [(potential, init, num_samples, warmup_steps, int(s), kernel_kwargs) for s in seeds]
     if parallel:
         threads = max(1, torch.get_num_threads() // num_chains)
-        jobs = [
-            (
-                potential,
-                init,
-                num_samples,
-                warmup_steps,
-                int(seed),
-                kernel_kwargs,
-                threads,
-                False,
-                validate,
-            )
-            for seed in seeds
-        ]
-        runs = _run_in_processes(jobs, threads)
+        runs = _run_in_processes([(*job, threads, False, validate) for job in jobs], threads)
     else:
-        runs = [
-            run_chain(
-                potential,
-                init,
-                num_samples,
-                warmup_steps,
-                int(seed),
-                kernel_kwargs,
-                None,
-                progress,
-                validate,
-            )
-            for seed in seeds
-        ]
+        runs = [run_chain(*job, None, progress, validate) for job in jobs]
     samples = {k: torch.stack([r[0][k] for r in runs]) for k in runs[0][0]}
     return samples, [r[1] for r in runs]
 
