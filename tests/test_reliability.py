@@ -186,16 +186,19 @@ def test_more_chains_than_cpus_is_refused(small, monkeypatch):
         ValueError, match=r"num_chains: expected at most the CPU count \(2\), got 3"
     ):
         bf.fit(_model(), small.inputs, small.y, guide="nuts", num_chains=3, progress=False)
-    with pytest.raises(ValueError, match=r"chain_method='parallel' needs num_chains <= CPU"):
-        bf.fit(
-            _model(),
-            small.inputs,
-            small.y,
-            guide="nuts",
-            num_chains=2,
-            chain_method="parallel",
-            progress=False,
-        )
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    for marginalize in ("auto", False):  # own worker processes / Pyro's (one CPU reserved)
+        with pytest.raises(ValueError, match=r"chain_method='parallel' needs num_chains <= CPU"):
+            bf.fit(
+                _model(),
+                small.inputs,
+                small.y,
+                guide="nuts",
+                num_chains=2,
+                chain_method="parallel",
+                marginalize=marginalize,
+                progress=False,
+            )
     with pytest.raises(ValueError, match=r"chain_method: expected one of"):
         bf.fit(_model(), small.inputs, small.y, guide="nuts", chain_method="fast")
 
