@@ -121,11 +121,7 @@ class GradientSync:
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1) for p in params])
             self._collective("the initial parameter broadcast", dist.broadcast, flat, src=0)
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.copy_(flat[offset : offset + n].view_as(p))
-                offset += n
+            _copy_flat_into(flat, params, params)
 
     def average(self, loss: float, step: int) -> float:
         """All-reduce ``loss`` and the attached parameters' gradients (in place) to their mean.
@@ -147,13 +143,8 @@ class GradientSync:
         flat = torch.cat([*(x.to(dtype) for x in pieces), loss_t])
         self._collective(f"the gradient all-reduce of step {step}", dist.all_reduce, flat)
         flat /= self.world_size
-        offset = 0
         with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                n = p.numel()
-                if g is not None:
-                    g.copy_(flat[offset : offset + n].view_as(g))
-                offset += n
+            _copy_flat_into(flat, grads, params)
         return float(flat[-1])
 
     def any(self, flag: bool, what: str) -> bool:
@@ -183,8 +174,18 @@ class GradientSync:
         self._collective(what, dist.barrier)
 
 
+def _copy_flat_into(flat: torch.Tensor, targets: list, params: list[torch.Tensor]) -> None:
+    """Copy consecutive pieces of ``flat``, laid out like ``params``, into ``targets`` (the
+    parameters themselves or their gradients; a ``None`` target skips its piece)."""
+    offset = 0
+    for target, p in zip(targets, params, strict=True):
+        if target is not None:
+            target.copy_(flat[offset : offset + p.numel()].view_as(target))
+        offset += p.numel()
+
+
 def check_backend_device(device) -> None:
-    """Refuse a CUDA model on a gloo group or a CPU model on an nccl group."""
+    """Refuse a CPU model on an nccl group (nccl only moves CUDA tensors)."""
     backend = dist.get_backend()
     is_cuda = torch.device(device).type == "cuda"
     if backend == "nccl" and not is_cuda:

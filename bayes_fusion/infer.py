@@ -638,10 +638,12 @@ def fit(
             for idx in global_batches():
                 if sync is None:
                     yield args if idx is None else slice_rows(args, idx)
-                    continue
-                idx = torch.arange(rows) if idx is None else idx
-                anneal.obs_scale = sync.plan.likelihood_weight(len(idx))
-                yield slice_rows(args, sync.plan.local_rows(idx))
+                elif idx is None:  # full batch: this rank's shard is proto_args, every step
+                    anneal.obs_scale = sync.plan.likelihood_weight(rows)
+                    yield proto_args
+                else:
+                    anneal.obs_scale = sync.plan.likelihood_weight(len(idx))
+                    yield slice_rows(args, sync.plan.local_rows(idx))
 
         from tqdm.auto import tqdm
 
@@ -770,8 +772,7 @@ def _svi_step(svi: SVI, batch, sync=None, step: int = 0) -> float:
             if sync is None or "invalid values" not in str(exc):
                 raise
             loss = float("nan")  # tell the other ranks before stopping
-    sites = sorted(capture.trace.nodes.items())
-    params = [site["value"].unconstrained() for _, site in sites]
+    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
     loss = float(loss)
     if sync is not None:
         loss = sync.average(loss, step)
@@ -896,8 +897,7 @@ def _fit_nuts(
     init_values = {}
     t0 = time.perf_counter()
     if init == "map":
-        pre = fit(model, *args, guide="map", num_steps=init_steps, progress=False, seed=None)
-        values = {k: v[0] for k, v in pre.posterior_samples(1).items()}
+        values = {k: v[0] for k, v in _map_point(model, args, init_steps).items()}
         for name, value in values.items():
             if reparam and name in scaled:
                 layer, scale_site = scaled[name]
@@ -975,6 +975,12 @@ def _parallel_chains(num_chains: int, chain_method: str, cpus: int, reserve: int
     return fits
 
 
+def _map_point(model, args, init_steps: int) -> dict[str, Tensor]:
+    """A short MAP fit to start NUTS from: site -> value with one leading draw dim."""
+    pre = fit(model, *args, guide="map", num_steps=init_steps, progress=False, seed=None)
+    return {k: v.detach() for k, v in pre.posterior_samples(1).items()}
+
+
 def _fit_nuts_marginal(
     model,
     args,
@@ -990,18 +996,17 @@ def _fit_nuts_marginal(
     full_mass,
 ) -> FitResult:
     """NUTS on Regressor(CPFusion) with the output factor and bias integrated out."""
-    from .marginal import CPRegressionMarginal, run_chains
+    from .marginal import CPRegressionMarginal, laplace_inverse_mass_matrix, run_chains
+    from .rank import active_components
 
     parallel = _parallel_chains(num_chains, chain_method, os.cpu_count() or 1, reserve=0)
     t0 = time.perf_counter()
     layer = model.layer
     if init == "map":
-        pre = fit(model, *args, guide="map", num_steps=init_steps, progress=False, seed=None)
-        values = {k: v[0].detach() for k, v in pre.posterior_samples(1).items()}
+        point = _map_point(model, args, init_steps)
+        values = {k: v[0] for k, v in point.items()}
         # components the data pin down mix better centred, the others non-centred
-        short = {name.split(".", 1)[-1]: v for name, v in values.items()}
-        rel = layer.relevance(short)
-        centered = (rel > 0.05 * rel.max()).to(rel.dtype)
+        centered = active_components(layer, point)[0]
     else:
         values = dict(layer.init_values())
         centered = None
@@ -1016,8 +1021,6 @@ def _fit_nuts_marginal(
         "full_mass": dim <= 500 if full_mass == "auto" else bool(full_mass),
     }
     if kernel_kwargs["full_mass"] and init == "map":
-        from .marginal import laplace_inverse_mass_matrix
-
         metric = laplace_inverse_mass_matrix(potential, start)
         if metric is not None:
             kernel_kwargs["initial_inverse_mass_matrix"] = metric

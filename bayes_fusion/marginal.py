@@ -19,9 +19,17 @@ posterior of the original model.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
 
+import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer import MCMC, NUTS
 from torch import Tensor
 from torch.distributions import biject_to
 
@@ -77,6 +85,9 @@ class CPRegressionMarginal:
         self.scale_prior = layer.rank_prior.distribution(self.rank)
         noise_scale = model.noise_prior_scale.to(y.dtype).expand(y.shape[-1])
         self.noise_prior = dist.HalfNormal(noise_scale).to_event(1)
+        # unconstrained <-> constrained maps of the scales and the noise
+        self.scale_transform = biject_to(self.scale_prior.support)
+        self.noise_transform = biject_to(self.noise_prior.support)
         self.scale_site = layer.site_name(layer.SCALE_SITE)
         self.factor_sites = [layer.site_name(f"factor_{m}") for m in range(len(inputs))]
         self.out_site = layer.site_name("out_factor")
@@ -94,15 +105,12 @@ class CPRegressionMarginal:
         self._z_const = -0.5 * math.log(2 * math.pi) * entries  # standard-normal constants
 
     # --- coordinates ---------------------------------------------------------------------
-    def unconstrained_names(self) -> list[str]:
-        return [self.scale_site, *(f"{s}_decentered" for s in self.factor_sites), self.noise_site]
-
     def to_unconstrained(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Site values (one point) -> unconstrained NUTS coordinates."""
         lam = values[self.scale_site]
         out = {
-            self.scale_site: biject_to(self.scale_prior.support).inv(lam),
-            self.noise_site: biject_to(self.noise_prior.support).inv(values[self.noise_site]),
+            self.scale_site: self.scale_transform.inv(lam),
+            self.noise_site: self.noise_transform.inv(values[self.noise_site]),
         }
         for site in self.factor_sites:
             out[f"{site}_decentered"] = values[site] / (lam + self.eps) ** (1 - self.centered)
@@ -110,10 +118,10 @@ class CPRegressionMarginal:
 
     def constrain(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Unconstrained coordinates (any leading draw dims) -> site values."""
-        lam = biject_to(self.scale_prior.support)(params[self.scale_site])
+        lam = self.scale_transform(params[self.scale_site])
         values = {
             self.scale_site: lam,
-            self.noise_site: biject_to(self.noise_prior.support)(params[self.noise_site]),
+            self.noise_site: self.noise_transform(params[self.noise_site]),
         }
         s = ((lam + self.eps) ** (1 - self.centered)).unsqueeze(-2)
         for site in self.factor_sites:
@@ -171,8 +179,6 @@ class CPRegressionMarginal:
         return self.potential(params)
 
     def _compile(self, params) -> None:
-        import warnings
-
         self._names = sorted(params)
         example = tuple(params[n] for n in self._names)
 
@@ -194,7 +200,7 @@ class CPRegressionMarginal:
     def potential(self, params: dict[str, Tensor]) -> Tensor:
         """Eager potential energy; see :meth:`__call__`."""
         u_lam, u_noise = params[self.scale_site], params[self.noise_site]
-        t_lam, t_noise = biject_to(self.scale_prior.support), biject_to(self.noise_prior.support)
+        t_lam, t_noise = self.scale_transform, self.noise_transform
         lam, noise = t_lam(u_lam), t_noise(u_noise)
         log_p = self.scale_prior.log_prob(lam) + t_lam.log_abs_det_jacobian(u_lam, lam).sum()
         log_p = log_p + self.noise_prior.log_prob(noise)
@@ -280,9 +286,6 @@ def run_chain(
     :returns: ``(samples, divergences)``: unconstrained draws ``name -> (S, ...)`` and the
         indices of divergent transitions after warm-up.
     """
-    import pyro
-    from pyro.infer import MCMC
-
     if threads is not None:
         torch.set_num_threads(threads)
     pyro.enable_validation(validate)
@@ -307,8 +310,6 @@ def run_chains(
 ):
     """Run ``num_chains`` chains, in parallel processes (spawned, one thread share each) or
     one after another. :returns: ``(samples name -> (C, S, ...), divergences per chain)``."""
-    import pyro
-
     validate = pyro.infer.util.is_validation_enabled()
     jobs = [(potential, init, num_samples, warmup_steps, int(s), kernel_kwargs) for s in seeds]
     if parallel:
@@ -327,15 +328,8 @@ def _run_in_processes(jobs: list[tuple], threads: int) -> list:
     ``multiprocessing``: they never re-import the user's ``__main__`` (no
     ``if __name__ == "__main__"`` guard needed, works from notebooks).
     """
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="bf-chains-") as tmp:
         procs = []
-        import os
-
         # the workers must import this very package, even when it is not installed
         root = str(Path(__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
@@ -387,8 +381,6 @@ def laplace_inverse_mass_matrix(potential, params: dict[str, Tensor], min_curvat
 
 def _nuts_with_initial_metric(metric):
     """A NUTS class whose warm-up starts from ``metric`` (``None``: Pyro's identity)."""
-    from pyro.infer import NUTS
-
     if metric is None:
         return NUTS
 

@@ -33,6 +33,7 @@ __all__ = [
     "RankPosterior",
     "layer_draws",
     "relevance_draws",
+    "active_components",
     "effective_rank_draws",
     "rank_posterior",
     "hdi_int",
@@ -90,6 +91,20 @@ def _floor(layer: RankLayer, kind: str) -> float:
     return float(layer.relevance(draws).max())
 
 
+def active_components(
+    layer: RankLayer,
+    samples: dict[str, Tensor],
+    threshold: float = 0.05,
+    kind: str = "norm",
+) -> Tensor:
+    """Which components count as switched on in each draw, shape ``(S, R)`` (bool): relevance
+    above ``threshold`` times the draw's largest and above the absolute floor."""
+    threshold = _check_threshold(threshold)
+    rel = relevance_draws(layer, samples, kind)
+    top = rel.max(dim=-1, keepdim=True).values
+    return (rel > threshold * top) & (rel > _floor(layer, kind))
+
+
 def effective_rank_draws(
     layer: RankLayer,
     samples: dict[str, Tensor],
@@ -97,11 +112,7 @@ def effective_rank_draws(
     kind: str = "norm",
 ) -> Tensor:
     """Effective rank per draw, shape ``(S,)`` (int64)."""
-    threshold = _check_threshold(threshold)
-    rel = relevance_draws(layer, samples, kind)
-    top = rel.max(dim=-1, keepdim=True).values
-    on = (rel > threshold * top) & (rel > _floor(layer, kind))
-    return on.sum(-1)
+    return active_components(layer, samples, threshold, kind).sum(-1)
 
 
 def _hdi(values: Tensor, prob: float) -> tuple[Tensor, Tensor]:
