@@ -625,32 +625,20 @@ def main(argv=None):
     torch.manual_seed(0)
     rep = Report()
     t0 = time.perf_counter()
-    todo = args.only or [
-        "cp_forward",
-        "cp_memory",
-        "xox",
-        "svi",
-        "scaling",
-        "throughput",
-        "nuts",
-        "distributed",
-    ]
-    if "cp_forward" in todo:
-        bench_cp_forward(rep, device, args.quick)
-    if "cp_memory" in todo:
-        bench_cp_memory(rep, device)
-    if "xox" in todo:
-        bench_xox(rep, device, args.quick)
-    if "svi" in todo:
-        bench_svi(rep, device, args.quick)
-    if "scaling" in todo:
-        bench_scaling(rep, device, args.quick, out)
-    if "throughput" in todo:
-        bench_throughput(rep, device, args.quick)
-    if "nuts" in todo:
-        bench_nuts(rep, device, args.quick)
-    if "distributed" in todo:
-        bench_distributed(rep, device, args.quick, out)
+    q = args.quick
+    sections = {  # name -> run; in this order
+        "cp_forward": lambda: bench_cp_forward(rep, device, q),
+        "cp_memory": lambda: bench_cp_memory(rep, device),
+        "xox": lambda: bench_xox(rep, device, q),
+        "svi": lambda: bench_svi(rep, device, q),
+        "scaling": lambda: bench_scaling(rep, device, q, out),
+        "throughput": lambda: bench_throughput(rep, device, q),
+        "nuts": lambda: bench_nuts(rep, device, q),
+        "distributed": lambda: bench_distributed(rep, device, q, out),
+    }
+    for name, run in sections.items():
+        if args.only is None or name in args.only:
+            run()
     meta = machine(device)
     meta["quick"] = args.quick
     meta["seconds"] = round(time.perf_counter() - t0, 1)
