@@ -20,7 +20,10 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ._checks import check_choice, check_positive_float, check_positive_int
+from .direct_elbo import DirectELBO
 from .guides import GUIDES, make_guide, rank_layers
+from .optim import FusedClippedAdam
+from .traced import TracedFunction
 
 __all__ = ["fit", "FitResult", "NonFiniteLossError", "load", "model_latent_shapes"]
 
@@ -436,7 +439,7 @@ def _non_finite(step, loss, model, guide, batch) -> NonFiniteLossError:
 
 def _default_optimizer(lr: float, num_steps: int, final_lr_fraction: float):
     lrd = final_lr_fraction ** (1.0 / max(1, num_steps))
-    return pyro.optim.ClippedAdam({"lr": lr, "lrd": lrd, "clip_norm": 10.0, "betas": (0.9, 0.99)})
+    return FusedClippedAdam({"lr": lr, "lrd": lrd, "clip_norm": 10.0, "betas": (0.9, 0.99)})
 
 
 def fit(
@@ -455,7 +458,8 @@ def fit(
     early_stopping: int | None = None,
     early_stopping_tol: float = 1e-4,
     callback: Callable[[int, float], Any] | None = None,
-    jit: bool = False,
+    jit: bool | None = None,
+    direct_elbo: bool = True,
     init_scale: float = 0.01,
     kl_warmup: float = 0.2,
     checkpoint_path: str | os.PathLike | None = None,
@@ -487,7 +491,18 @@ def fit(
         ``early_stopping_tol`` for this many steps (``None``: run all steps).
     :param callback: called as ``callback(step, loss)`` after each step; returning ``True``
         stops training.
-    :param jit: use ``JitTrace_ELBO``.
+    :param jit: compile the loss with ``torch.jit.trace``. ``None`` (default): compile the
+        direct ELBO (below) for the library's own models (``Regressor``/``Classifier`` around a
+        ``CPFusion``/``XOXLinear``), whose Python control flow depends on shapes only;
+        ``True``: compile for any model (Pyro's ``JitTrace_ELBO`` where the direct ELBO does
+        not apply); ``False``: never. Every new trace is checked against the eager loss once.
+    :param direct_elbo: compute the one-particle ELBO of the preset guides (``AutoDelta``,
+        ``AutoNormal``, ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``)
+        straight from the guide parameters (:mod:`bayes_fusion.direct_elbo`: the same value
+        and gradients as ``Trace_ELBO``, without recording traces). The first step always
+        runs through Pyro's ``Trace_ELBO`` with Pyro's validation as set; later steps skip
+        Pyro's per-step argument validation (loss and gradients are still checked for
+        NaN/inf every step). ``False``: ``Trace_ELBO`` on every step.
     :param init_scale: initial std of the Gaussian guides.
     :param kl_warmup: fraction of the steps over which the weight of the latent sites'
         terms (prior and guide: the KL part of the ELBO) rises linearly from ~0 to 1. Helps
@@ -608,13 +623,22 @@ def fit(
             "num_particles": num_particles,
             "vectorize_particles": vectorize_particles and num_particles > 1,
         }
+        anneal = _PriorAnneal()
+        direct = None
+        if direct_elbo and num_particles == 1 and not DirectELBO.unsupported_reason(guide_obj):
+            direct = DirectELBO(guide_obj)
+            compiled = direct.traceable and (_traceable_model(model) if jit is None else bool(jit))
+            if compiled or not jit:  # jit=True on other guides: Pyro's JitTrace_ELBO below
+                direct = _DirectLoss(direct, anneal, model, compiled)
+            else:
+                direct = None
+        pyro_jit = bool(jit) and direct is None
         elbo = (
             JitTrace_ELBO(ignore_jit_warnings=True, **elbo_kwargs)
-            if jit
+            if pyro_jit
             else Trace_ELBO(**elbo_kwargs)
         )
-        anneal = _PriorAnneal()
-        if jit:
+        if pyro_jit:
             # JitTrace_ELBO bakes Python numbers into the compiled graph: the KL weight must
             # enter as a tensor argument (the last one) to change from step to step
             svi = SVI(anneal.from_last_arg(model), anneal.from_last_arg(guide_obj), optim, elbo)
@@ -666,7 +690,14 @@ def fit(
             beta = min(1.0, (step + 1) / warmup) if warmup else 1.0
             anneal.beta = beta
             try:
-                loss = _svi_step(svi, (*batch, torch.tensor(beta)) if jit else batch, sync, step)
+                loss = _svi_step(
+                    svi,
+                    (*batch, torch.tensor(beta)) if pyro_jit else batch,
+                    sync,
+                    step,
+                    direct=direct if step > start_step else None,  # Pyro validates step 1
+                    beta=beta,
+                )
             except ValueError as exc:
                 # with validation on, Pyro refuses NaN distribution parameters before the loss
                 if "invalid values" not in str(exc):
@@ -759,20 +790,25 @@ def _checkpoint(model, guide, method, args, losses, optim, gen, path) -> None:
     )
 
 
-def _svi_step(svi: SVI, batch, sync=None, step: int = 0) -> float:
+def _svi_step(svi: SVI, batch, sync=None, step: int = 0, direct=None, beta=1.0) -> float:
     """One SVI step that refuses to apply non-finite gradients.
 
     With ``sync`` (distributed), loss and gradients are averaged over ranks first, so a
-    non-finite value on any rank stops every rank at the same step.
+    non-finite value on any rank stops every rank at the same step. With ``direct`` (a
+    :class:`_DirectLoss`), the loss comes from the direct ELBO at KL weight ``beta`` instead
+    of ``svi``'s ELBO.
     """
-    with poutine.trace(param_only=True) as capture:
-        try:
-            loss = svi.loss_and_grads(svi.model, svi.guide, *batch)
-        except ValueError as exc:
-            if sync is None or "invalid values" not in str(exc):
-                raise
-            loss = float("nan")  # tell the other ranks before stopping
-    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    if direct is not None:
+        loss, params = direct.loss_and_grads(batch, beta), direct.params
+    else:
+        with poutine.trace(param_only=True) as capture:
+            try:
+                loss = svi.loss_and_grads(svi.model, svi.guide, *batch)
+            except ValueError as exc:
+                if sync is None or "invalid values" not in str(exc):
+                    raise
+                loss = float("nan")  # tell the other ranks before stopping
+        params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
     loss = float(loss)
     if sync is not None:
         loss = sync.average(loss, step)
@@ -782,8 +818,55 @@ def _svi_step(svi: SVI, batch, sync=None, step: int = 0) -> float:
     if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
         return float("nan")
     svi.optim(params)
-    pyro.infer.util.zero_grads(params)
+    if grads:
+        torch._foreach_zero_(grads)
     return loss
+
+
+def _traceable_model(model) -> bool:
+    """Whether ``model`` is one of the library's own models, safe to trace by default."""
+    from .layers.base import RankLayer
+    from .models import _Likelihood
+
+    return isinstance(model, _Likelihood) and isinstance(model.layer, RankLayer)
+
+
+class _DirectLoss:
+    """fit's fast loss: the direct ELBO of ``guide`` on ``anneal(model)``, maybe traced.
+
+    :param direct: the :class:`DirectELBO` of the guide.
+    :param anneal: the KL warm-up / shard-weight messenger (its ``beta`` weights the model's
+        latent sites; the same ``beta`` weights ``log q`` here).
+    :param model: the model. :param compiled: trace the loss (:class:`TracedFunction`).
+    """
+
+    def __init__(self, direct: DirectELBO, anneal: _PriorAnneal, model, compiled: bool) -> None:
+        self.direct = direct
+        self.anneal = anneal
+        self.model = anneal(model)
+        self.params = direct.params()
+        self.traced = (
+            TracedFunction(self._loss, extra_key=lambda: anneal.obs_scale, name="fit(jit)")
+            if compiled
+            else None
+        )
+
+    def _loss(self, beta, params, batch) -> Tensor:
+        self.anneal.beta = beta
+        return self.direct.differentiable_loss(self.model, batch, guide_scale=beta, params=params)
+
+    def loss_and_grads(self, batch, beta: float) -> float:
+        """Loss at KL weight ``beta``; gradients accumulated into the parameters' ``.grad``."""
+        with pyro.validation_enabled(False):
+            if self.traced is None:
+                loss = self._loss(beta, self.params, batch)
+            else:
+                like = self.params[0]
+                beta_t = torch.tensor(beta, dtype=like.dtype, device=like.device)
+                loss = self.traced(beta_t, self.params, tuple(batch))
+        self.anneal.beta = beta
+        loss.backward()
+        return float(loss.detach())
 
 
 def _start_distributed(model, args, rows, batch_size, timeout):

@@ -1,0 +1,261 @@
+"""The fast SVI path: DirectELBO (== Trace_ELBO), the traced loss, the fused optimizer."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoLaplaceApproximation, AutoNormal
+from pyro.nn import PyroModule
+
+import bayes_fusion as bf
+from bayes_fusion.direct_elbo import DirectELBO
+from bayes_fusion.optim import FusedClippedAdam
+from bayes_fusion.traced import TracedFunction, flatten_tensors, unflatten_tensors
+
+GUIDES = ["map", "meanfield", "lowrank", "full"]
+
+
+class GroupIntercept(PyroModule):
+    """A user model: our layer plus a hierarchical intercept per group (a plate of latents)."""
+
+    def __init__(self, groups=3):
+        super().__init__()
+        self.layer = bf.CPFusion((3, 4), 2, max_rank=3)
+        self.groups = groups
+
+    def forward(self, inputs, group, y=None):
+        tau = pyro.sample("tau", dist.HalfNormal(torch.tensor(1.0, dtype=inputs[0].dtype)))
+        with pyro.plate("groups", self.groups):
+            alpha = pyro.sample("alpha", dist.Normal(torch.zeros((), dtype=tau.dtype), tau))
+        mean = self.layer(inputs) + alpha[..., group].unsqueeze(-1)
+        with pyro.plate("data", len(group)):
+            pyro.sample("obs", dist.Normal(mean, 0.5).to_event(1), obs=y)
+        return mean
+
+
+def _problem(kind, n=40):
+    torch.manual_seed(1)
+    x = [torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 4, dtype=torch.float64)]
+    if kind == "cp":
+        return bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3)).double(), (x, torch.randn(n, 2))
+    if kind == "xox":
+        layer = bf.XOXLinear(6, 2, genes=3)
+        xx = torch.randn(n, 6, dtype=torch.float64)
+        return bf.Regressor(layer).double(), (xx, torch.randn(n, 2, dtype=torch.float64))
+    if kind == "classifier":
+        model = bf.Classifier(bf.CPFusion((3, 4), 3, max_rank=3)).double()
+        return model, (x, torch.randint(0, 3, (n,)))
+    if kind == "minibatch":  # subsampled likelihood: the obs site carries the N / B scale
+        model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3), num_data=5 * n).double()
+        return model, (x, torch.randn(n, 2, dtype=torch.float64))
+    model = GroupIntercept().double()
+    return model, (x, torch.randint(0, 3, (n,)), torch.randn(n, 2, dtype=torch.float64))
+
+
+def _fix(args):
+    return tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+@pytest.mark.parametrize("kind", ["cp", "xox", "classifier", "minibatch", "user"])
+def test_direct_elbo_equals_trace_elbo(kind, guide):
+    """Same draw (same seed), same loss and the same gradient for every parameter."""
+    model, args = _problem(kind)
+    args = _fix(args)
+    g = bf.make_guide(guide, model, *args, init_scale=0.3)
+    g(*args)
+    direct = DirectELBO(g)
+    params = direct.params()
+    pyro.set_rng_seed(7)
+    expected = Trace_ELBO().differentiable_loss(model, g, *args)
+    grads_expected = torch.autograd.grad(expected, params)
+    pyro.set_rng_seed(7)
+    got = direct.differentiable_loss(model, args)
+    grads_got = torch.autograd.grad(got, params)
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-12, abs=1e-10)
+    for a, b in zip(grads_got, grads_expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_direct_elbo_weights_the_guide_by_the_kl_weight():
+    """loss = -(log p(y | z) + beta * (log p(z) - log q(z))) under the KL warm-up weight."""
+    model, args = _problem("cp")
+    args = _fix(args)
+    g = bf.make_guide("meanfield", model, *args, init_scale=0.3)
+    g(*args)
+    direct = DirectELBO(g)
+    beta = 0.25
+    pyro.set_rng_seed(3)
+    values, log_q = direct.sample_guide()
+    tr = pyro.poutine.trace(pyro.poutine.condition(model, data=values)).get_trace(*args)
+    tr.compute_log_prob()
+    sites = [s for s in tr.nodes.values() if s["type"] == "sample"]
+    log_lik = sum(s["log_prob_sum"] for s in sites if s["name"] not in values)
+    log_prior = sum(s["log_prob_sum"] for s in sites if s["name"] in values)
+    expected = -(log_lik + beta * (log_prior - log_q))
+    pyro.set_rng_seed(3)
+    annealed = bf.infer._PriorAnneal()
+    annealed.beta = beta
+    loss = direct.differentiable_loss(annealed(model), args, guide_scale=beta)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+
+
+def test_unsupported_guides_are_named():
+    model, args = _problem("cp")
+    args = _fix(args)
+    assert "has not been run" in DirectELBO.unsupported_reason(AutoNormal(model))
+    laplace = AutoLaplaceApproximation(model)
+    laplace(*args)
+    assert "not one of the preset" in DirectELBO.unsupported_reason(laplace)
+    assert not DirectELBO.supports(laplace)
+    with pytest.raises(ValueError, match="guide: DirectELBO cannot"):
+        DirectELBO(laplace)
+
+
+def test_guide_in_a_subsampled_plate_is_refused():
+    def local_model(y):
+        with pyro.plate("data", 100, subsample_size=len(y)) as idx:
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(idx)), 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=y)
+
+    g = AutoNormal(local_model)
+    g(torch.randn(10))
+    assert "subsampled plate" in DirectELBO.unsupported_reason(g)
+
+
+@pytest.mark.parametrize("guide", ["map", "meanfield", "lowrank"])
+@pytest.mark.parametrize("jit", [None, False])
+def test_fit_fast_path_follows_the_pyro_path(guide, jit):
+    """Whole fits (minibatches, KL warm-up, fused optimizer): the loss curves agree."""
+    model_args = _fix(_problem("cp", n=60)[1])
+    kw = dict(guide=guide, num_steps=60, batch_size=20, kl_warmup=0.5, progress=False, seed=2)
+    losses = {}
+    for name, extra in (("pyro", {"direct_elbo": False}), ("fast", {"jit": jit})):
+        model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3)).double()
+        losses[name] = bf.fit(model, *model_args, **kw, **extra).losses
+    assert losses["fast"] == pytest.approx(losses["pyro"], rel=1e-9)
+
+
+def test_fast_path_still_stops_on_nan():
+    model, args = _problem("cp")
+    args = _fix(args)
+
+    def poison(step, loss):
+        if step == 5:  # after the first (Pyro) step: the fast path is running
+            with torch.no_grad():
+                for _, p in pyro.get_param_store().named_parameters():
+                    p.fill_(float("nan"))
+
+    with pytest.raises(bf.NonFiniteLossError, match="at step 6"):
+        bf.fit(model, *args, guide="meanfield", num_steps=20, callback=poison, progress=False)
+
+
+# --- traced functions ---------------------------------------------------------------------
+def test_flatten_round_trip():
+    a, b = torch.randn(2), torch.randn(3)
+    obj = ([a, None], {"k": b, "n": 3}, (1.5, "s"))
+    tensors, spec = flatten_tensors(obj)
+    assert len(tensors) == 2
+    back = unflatten_tensors(spec, tensors)
+    assert back[0][0] is a and back[0][1] is None and back[1]["k"] is b and back[2] == (1.5, "s")
+
+
+def test_traced_function_draws_fresh_numbers_and_retraces_on_new_shapes():
+    fn = TracedFunction(lambda x: (x * torch.empty_like(x).normal_()).sum())
+    x = torch.ones(5)
+    torch.manual_seed(0)
+    first, second = float(fn(x)), float(fn(x))
+    assert first != second and fn.num_traces == 1
+    torch.manual_seed(0)
+    eager = float((x * torch.empty_like(x).normal_()).sum())
+    assert first == pytest.approx(eager, rel=1e-6)  # the same stream as the eager function
+    fn(torch.ones(6))
+    assert fn.num_traces == 2
+    fn(torch.ones(5))
+    assert fn.num_traces == 2
+
+
+def test_traced_function_retraces_when_the_extra_key_changes():
+    weight = {"w": 1.0}
+    fn = TracedFunction(lambda x: (x * weight["w"]).sum(), extra_key=lambda: weight["w"])
+    x = torch.ones(3)
+    assert float(fn(x)) == 3.0
+    weight["w"] = 2.0
+    assert float(fn(x)) == 6.0 and fn.num_traces == 2
+
+
+def test_traced_function_falls_back_when_the_trace_is_wrong():
+    calls = []
+
+    def drifting(x):
+        # stands for Python control flow on tensor values: the trace freezes the path of its
+        # own call, and here the later (eager) calls take another one
+        calls.append(1)
+        return x.sum() if len(calls) == 1 else x.sum() + 1.0
+
+    fn = TracedFunction(drifting, name="drifting")
+    with pytest.warns(RuntimeWarning, match="drifting: the traced graph gives 3.0 where the eager"):
+        out = fn(torch.ones(3))
+    assert float(out) == 4.0  # the eager value
+    assert float(fn(torch.ones(3))) == 4.0 and fn.num_traces == 1  # eager from then on
+
+
+# --- fused optimizer ------------------------------------------------------------------------
+ARGS = {"lr": 0.05, "lrd": 0.99, "clip_norm": 2.0, "betas": (0.9, 0.99)}
+OPTIMIZERS = {"pyro": pyro.optim.ClippedAdam, "fused": FusedClippedAdam}
+
+
+def _optimize(first, then=None, swap_at=20, steps=40):
+    """Optimize a quartic; at ``swap_at`` a ``then`` optimizer resumes from the state."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    params = [pyro.param(f"p{i}", torch.randn(3 + i, 2)).unconstrained() for i in range(4)]
+    opt = OPTIMIZERS[first](ARGS)
+    for t in range(steps):
+        if then is not None and t == swap_at:
+            state = opt.get_state()
+            opt = OPTIMIZERS[then](ARGS)
+            opt.set_state(state)
+        loss = sum(((p - 1.5) ** 4).sum() * (i + 1) for i, p in enumerate(params))
+        loss.backward()
+        opt(params)
+        for p in params:
+            p.grad = None
+    return [p.detach().clone() for p in params]
+
+
+def test_fused_clipped_adam_is_pyro_clipped_adam():
+    for a, b in zip(_optimize("fused"), _optimize("pyro"), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("first,then", [("pyro", "fused"), ("fused", "pyro"), ("fused", "fused")])
+def test_fused_clipped_adam_state_is_interchangeable(first, then):
+    expected = _optimize("pyro")
+    for a, b in zip(_optimize(first, then), expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fused_clipped_adam_refuses_unknown_arguments():
+    with pytest.raises(ValueError, match="optim_args: unknown keys \\['weight_decay'\\]"):
+        FusedClippedAdam({"lr": 0.1, "weight_decay": 0.1})
+    with pytest.raises(TypeError, match="optim_args: expected a dict"):
+        FusedClippedAdam(0.1)
+
+
+def test_default_optimizer_resumes_exactly():
+    model, args = _problem("cp")
+    args = _fix(args)
+    kw = dict(guide="meanfield", progress=False, seed=5)
+    fresh = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3)).double()
+    full = bf.fit(fresh, *args, num_steps=40, **kw)
+    # stopped half-way on the 40-step schedule (KL warm-up, learning-rate decay), then resumed
+    part = bf.fit(model, *args, num_steps=40, callback=lambda step, loss: step == 19, **kw)
+    assert len(part.losses) == 20
+    resumed = bf.fit(model, *args, num_steps=40, resume=part, **kw)
+    assert resumed.losses[:20] == part.losses
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-9)
+    assert math.isfinite(resumed.losses[-1])
