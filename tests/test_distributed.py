@@ -85,7 +85,7 @@ def test_two_processes_match_one_process(tmp_path):
     # checkpoints come from rank 0 only, and load
     assert r0["saves"] and not r1["saves"]
     loaded = bf.load(tmp_path / "fit.pt", worker.model())
-    assert len(loaded.losses) == 1500
+    assert len(loaded.losses) == 3000
 
 
 def test_killed_peer_makes_the_other_fail_clearly(tmp_path):
