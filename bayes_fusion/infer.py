@@ -524,7 +524,7 @@ def fit(
     :param distributed_timeout: seconds a collective waits for a peer before
         :class:`~bayes_fusion.distributed.DistributedError` is raised.
     :param nuts_kwargs: passed to the NUTS path: ``reparam`` (non-centred factors, default
-        True), ``init`` (``"map"`` default: start from the best of :data:`MAP_RESTARTS` MAP
+        True), ``init`` (``"map"`` default: start from the best of ``infer.MAP_RESTARTS`` (3) MAP
         fits of ``init_steps`` (2000) steps each; or ``"default"``), ``init_steps``,
         ``jit_compile``,
         ``max_tree_depth`` (8), ``target_accept_prob`` (0.95), ``chain_method`` (``"auto"``,
