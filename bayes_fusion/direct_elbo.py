@@ -82,8 +82,12 @@ class LogJoint(Messenger):
         self.total = self.total + log_p.sum()
 
 
-def _is_identity(transform) -> bool:
-    return isinstance(transform, ComposeTransform) and not transform.parts
+def _bijection(support):
+    """``biject_to(support)``, or ``None`` where that is the identity (nothing to apply)."""
+    transform = biject_to(support)
+    if isinstance(transform, ComposeTransform) and not transform.parts:
+        return None
+    return transform
 
 
 def _leaf_of(getter, store_leaves: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
@@ -122,7 +126,7 @@ class DirectELBO:
             raise ValueError(f"guide: DirectELBO cannot compute this guide's ELBO: {reason}")
         self.guide = guide
         self._sites = [
-            (name, site["fn"].support, site["fn"].event_dim)
+            (name, site["fn"].support)
             for name, site in guide.prototype_trace.iter_stochastic_nodes()
         ]
         try:
@@ -165,27 +169,24 @@ class DirectELBO:
         self._params: list[Tensor] = []
         leaves = {id(p): p for _, p in pyro.get_param_store().named_parameters()}
         if isinstance(guide, autoguide.AutoDelta):
-            self._delta = []
-            for name, support, _ in self._sites:
+            self._delta = []  # (site name, transform of its parameter), as self._params
+            for name, support in self._sites:
                 leaf, value = _leaf_of(lambda n=name: operator.attrgetter(n)(guide), leaves)
                 transform = transform_to(support)
                 self._check_same(name, transform(leaf), value)
-                self._delta.append((name, leaf, transform))
+                self._delta.append((name, transform))
                 self._params.append(leaf)
         elif isinstance(guide, autoguide.AutoNormal):
-            self._normal = []
+            self._normal = []  # (site name, bijection), as self._params' (loc, scale) pairs
             scale_transform = transform_to(guide.scale_constraint)
-            for name, support, _ in self._sites:
+            for name, support in self._sites:
                 loc, loc_value = _leaf_of(lambda n=name: operator.attrgetter(n)(guide.locs), leaves)
                 raw, scale_value = _leaf_of(
                     lambda n=name: operator.attrgetter(n)(guide.scales), leaves
                 )
                 self._check_same(name, loc, loc_value)
                 self._check_same(name, scale_transform(raw), scale_value)
-                transform = biject_to(support)
-                self._normal.append(
-                    (name, loc, raw, None if _is_identity(transform) else transform)
-                )
+                self._normal.append((name, _bijection(support)))
                 self._params += [loc, raw]
             self._scale_transform = scale_transform
         else:
@@ -198,10 +199,7 @@ class DirectELBO:
             for name, _ in named:
                 path, _, key = name.rpartition(".")
                 self._slots.append((guide.get_submodule(path) if path else guide, key))
-            self._transforms = {
-                name: (None if _is_identity(biject_to(support)) else biject_to(support))
-                for name, support, _ in self._sites
-            }
+            self._transforms = {name: _bijection(support) for name, support in self._sites}
 
     @staticmethod
     def _check_same(name: str, computed: Tensor, expected: Tensor) -> None:
@@ -227,8 +225,7 @@ class DirectELBO:
         params = self._params if params is None else params
         if isinstance(self.guide, autoguide.AutoDelta):
             return {
-                name: transform(p)
-                for (name, _, transform), p in zip(self._delta, params, strict=True)
+                name: transform(p) for (name, transform), p in zip(self._delta, params, strict=True)
             }, 0.0
         if isinstance(self.guide, autoguide.AutoNormal):
             return self._sample_normal(params)
@@ -252,7 +249,7 @@ class DirectELBO:
 
     def _sample_normal(self, params):
         values, log_q = {}, 0.0
-        for i, (name, _, _, transform) in enumerate(self._normal):
+        for i, (name, transform) in enumerate(self._normal):
             loc, raw = params[2 * i], params[2 * i + 1]
             scale = self._scale_transform(raw)
             eps = torch.empty_like(loc).normal_()  # the draw Normal.rsample makes

@@ -628,12 +628,11 @@ def fit(
         anneal = _PriorAnneal()
         direct = None
         if direct_elbo and num_particles == 1 and not DirectELBO.unsupported_reason(guide_obj):
-            direct = DirectELBO(guide_obj)
-            compiled = direct.traceable and (_traceable_model(model) if jit is None else bool(jit))
+            direct_loss = DirectELBO(guide_obj)
+            wanted = _traceable_model(model) if jit is None else bool(jit)
+            compiled = direct_loss.traceable and wanted
             if compiled or not jit:  # jit=True on other guides: Pyro's JitTrace_ELBO below
-                direct = _DirectLoss(direct, anneal, model, compiled)
-            else:
-                direct = None
+                direct = _DirectLoss(direct_loss, anneal, model, compiled)
         pyro_jit = bool(jit) and direct is None
         elbo = (
             JitTrace_ELBO(ignore_jit_warnings=True, **elbo_kwargs)
