@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import datasets, distributed, ops  # noqa: E402
+from . import arviz_compat, datasets, distributed, ops  # noqa: E402
 from .contributions import ModalityContributions, modality_contributions  # noqa: E402
 from .guides import GUIDES, make_guide, rank_layers  # noqa: E402
 from .infer import FitResult, NonFiniteLossError, fit, load  # noqa: E402
@@ -22,6 +22,8 @@ from .priors import HalfCauchyRankPrior, LogUniformRankPrior  # noqa: E402
 from .prune import PruneResult, prune  # noqa: E402
 from .rank import RankPosterior, effective_rank_draws, rank_posterior  # noqa: E402
 from .summary import (  # noqa: E402
+    compare,
+    loo,
     plot_elbo,
     plot_rank_posterior,
     plot_relevance_forest,
@@ -44,6 +46,8 @@ __all__ = [
     "Regressor",
     "XOXLinear",
     "__version__",
+    "arviz_compat",
+    "compare",
     "cp_from_tltorch",
     "cp_to_tltorch",
     "cpfusion_values_from_tltorch",
@@ -53,6 +57,7 @@ __all__ = [
     "effective_rank_draws",
     "fit",
     "load",
+    "loo",
     "make_guide",
     "ModalityContributions",
     "PruneResult",

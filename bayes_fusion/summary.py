@@ -1,9 +1,9 @@
-"""ArviZ conversion, plots and the one-call text summary. arviz/matplotlib import lazily.
+"""ArviZ conversion, LOO / model comparison, plots and the one-call text summary.
 
 ArviZ 0.2x (Python 3.11) returns ``InferenceData``; ArviZ >= 1.0 (Python >= 3.12) returns an
-xarray ``DataTree``. :func:`to_inference_data` builds the same groups, variables, dims and
-coords for both (``az.from_dict`` with the group-per-keyword signature on 0.x, the
-dict-of-groups signature on 1.x).
+xarray ``DataTree``. Every function here gives the same groups, variables, dims and coords on
+both; the calls that differ between the two go through :mod:`bayes_fusion.arviz_compat`.
+arviz and matplotlib are imported lazily.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import pyro
 import torch
 from pyro import poutine
 
+from . import arviz_compat
 from .guides import rank_layers
 from .rank import RankPosterior, rank_posterior
 
 __all__ = [
     "to_inference_data",
-    "arviz_major_version",
+    "loo",
+    "compare",
     "pointwise_log_likelihood",
     "plot_rank_posterior",
     "plot_relevance_forest",
@@ -33,13 +35,6 @@ _VARIATIONAL_NOTE = (
     "Draws come from a variational guide (one pseudo-chain of independent draws): r-hat and "
     "ESS computed on them are not evidence of convergence."
 )
-
-
-def arviz_major_version() -> int:
-    """Major version of the installed ArviZ (0 for the InferenceData API, 1+ for DataTree)."""
-    import arviz as az
-
-    return int(az.__version__.split(".")[0])
 
 
 def _chains(result, num_samples: int) -> dict[str, torch.Tensor]:
@@ -99,10 +94,10 @@ def to_inference_data(
 
     :param result: a :class:`bayes_fusion.FitResult`.
     :param num_samples: guide draws for SVI results.
+    :param posterior_predictive: add the ``posterior_predictive`` group.
+    :param log_likelihood: add the pointwise ``log_likelihood`` group.
     :param threshold: relevance threshold of the effective rank.
     """
-    import arviz as az
-
     draws = _chains(result, num_samples)
     chains, ndraw = next(iter(draws.values())).shape[:2]
     flat = {k: v.reshape((chains * ndraw,) + v.shape[2:]) for k, v in draws.items()}
@@ -155,15 +150,63 @@ def to_inference_data(
     }
     if not result.is_mcmc:
         attrs["note"] = _VARIATIONAL_NOTE
-    if arviz_major_version() >= 1:  # pragma: no cover - exercised on Python >= 3.12
-        data = az.from_dict(groups, coords=coords, dims=dims)
-        for group in groups:
-            data[group].attrs.update(attrs)
-        return data
-    idata = az.from_dict(**groups, coords=coords, dims=dims)
-    for group in groups:
-        getattr(idata, group).attrs.update(attrs)
-    return idata
+    return arviz_compat.from_dict(groups, coords=coords, dims=dims, attrs=attrs)
+
+
+def _arviz_data(obj, num_samples: int):
+    """ArviZ data with a log-likelihood group: ``obj`` itself, or the conversion of a fit."""
+    if hasattr(obj, "posterior"):
+        if not hasattr(obj, "log_likelihood"):
+            raise ValueError("data: expected ArviZ data with a 'log_likelihood' group, got none")
+        return obj
+    if not hasattr(obj, "posterior_samples"):
+        raise TypeError(
+            f"expected a FitResult or ArviZ data (InferenceData / DataTree), got "
+            f"{type(obj).__name__}"
+        )
+    return to_inference_data(obj, num_samples=num_samples, posterior_predictive=False)
+
+
+def loo(result_or_data, num_samples: int = 500) -> arviz_compat.Elpd:
+    """PSIS leave-one-out cross-validation of a fit, the same on ArviZ 0.x and 1.x.
+
+    :param result_or_data: a :class:`bayes_fusion.FitResult` of a ``Regressor`` /
+        ``Classifier`` (converted with :func:`to_inference_data`), or ArviZ data with a
+        pointwise ``log_likelihood`` group.
+    :param num_samples: guide draws when a variational fit is given.
+    :returns: :class:`bayes_fusion.arviz_compat.Elpd`: ``elpd``, ``se``, ``p``, ``pareto_k``
+        (shape ``(N,)``) and the ``native`` ArviZ object.
+
+    Example::
+
+        >>> import bayes_fusion as bf
+        >>> from bayes_fusion.datasets import make_cp_regression
+        >>> data = make_cp_regression((3, 4), 2, rank=1, num_data=60, seed=0)
+        >>> model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=2))
+        >>> res = bf.fit(model, data.inputs, data.y, num_steps=200, progress=False)
+        >>> estimate = bf.loo(res, num_samples=50)
+        >>> estimate.pareto_k.shape
+        (60,)
+    """
+    return arviz_compat.loo(_arviz_data(result_or_data, num_samples), var_name="obs")
+
+
+def compare(results: dict[str, Any], num_samples: int = 500):
+    """Rank fits by PSIS-LOO (``az.compare``, stacking weights), on ArviZ 0.x and 1.x alike.
+
+    :param results: model name -> :class:`bayes_fusion.FitResult` or ArviZ data with a
+        pointwise ``log_likelihood`` group (e.g. two ``max_rank`` settings on the same data).
+    :param num_samples: guide draws per variational fit.
+    :returns: pandas ``DataFrame``, one row per model, best first, with the columns ``rank``,
+        ``elpd``, ``p``, ``elpd_diff``, ``weight``, ``se``, ``dse`` on every ArviZ version.
+    """
+    if not isinstance(results, dict) or len(results) < 2:
+        raise ValueError(
+            f"results: expected a dict of at least two named fits, got {results!r:.80}"
+        )
+    return arviz_compat.compare(
+        {name: _arviz_data(obj, num_samples) for name, obj in results.items()}
+    )
 
 
 def _observed(result) -> torch.Tensor | None:
@@ -240,10 +283,13 @@ def plot_relevance_forest(
 ):
     """ArviZ forest plot of the sorted relevances (or ``var="rank_scale_sorted"``) with HDIs.
 
-    :returns: ``(fig, axes)``.
+    :param result_or_idata: a fit result or the output of :func:`to_inference_data`.
+    :param path: optional PNG path to save to.
+    :param var: ``"relevance_sorted"`` or ``"rank_scale_sorted"``.
+    :param hdi_prob: mass of the highest-density intervals drawn.
+    :param num_samples: guide draws when a (variational) fit result is given.
+    :returns: ``(fig, axes)``: a matplotlib figure and a numpy array of its axes.
     """
-    import arviz as az
-
     idata = result_or_idata
     if not hasattr(idata, "posterior"):
         idata = to_inference_data(
@@ -255,15 +301,9 @@ def plot_relevance_forest(
     names = [n for n in idata.posterior.data_vars if n.endswith(f".{var}")]
     if not names:
         raise ValueError(f"var: expected a rank variable like 'relevance_sorted', got {var!r}")
-    axes = az.plot_forest(
-        idata,
-        var_names=names,
-        hdi_prob=hdi_prob,
-        combined=True,
-        figsize=(6, 1 + 0.35 * sum(idata.posterior[n].shape[-1] for n in names)),
-    )
-    fig = np.ravel(axes)[0].figure
-    np.ravel(axes)[0].set_title(
+    height = 1 + 0.35 * sum(idata.posterior[n].shape[-1] for n in names)
+    fig, axes = arviz_compat.plot_forest(idata, names, hdi_prob, height)
+    axes[0].set_title(
         f"sorted {var.replace('_sorted', '')} ({int(hdi_prob * 100)}% HDI)", fontsize=9
     )
     _save(fig, path)

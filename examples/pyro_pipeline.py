@@ -92,13 +92,16 @@ def main(argv=None):
     lam = samples["fusion.rank_scale"].sort(-1, descending=True).values.mean(0)
     print("sorted rank scales (posterior mean):", [round(v, 3) for v in lam.tolist()])
 
-    # the same draws in ArviZ, with the rank posterior of the embedded layer
+    # the fit in ArviZ (InferenceData on ArviZ 0.x, DataTree on 1.x): every latent site plus the
+    # sorted, label-switching-invariant rank summaries of the embedded layer
     import arviz as az
 
-    draws = {k: v for k, v in samples.items() if k in ("intercept", "fusion.rank_scale")}
-    idata = az.from_dict(posterior={k: v.unsqueeze(0).numpy() for k, v in draws.items()})
-    print(az.summary(idata, kind="stats").round(3).to_string())
     result = bf.FitResult(model, guide, "custom", (data.inputs, group, y))
+    idata = bf.to_inference_data(
+        result, num_samples=200, posterior_predictive=False, log_likelihood=False
+    )
+    names = ["intercept", "fusion.rank_scale_sorted", "fusion.effective_rank"]
+    print(az.summary(idata, var_names=names, kind="stats").to_string())
     rp = bf.rank_posterior(result, num_samples=200)["fusion"]
     print("fusion layer rank posterior:\n" + rp.table())
     bf.plot_rank_posterior({"fusion": rp}, out / "rank_posterior.png")

@@ -45,19 +45,68 @@ def test_inference_data_groups_dims_and_attrs(fits):
 
 
 def test_arviz_functions_run(fits, tmp_path):
+    """ArviZ's own functions take our data as it is, on ArviZ 0.x and 1.x."""
     results, _ = fits
-    a = bf.to_inference_data(results[2], num_samples=100)
     b = bf.to_inference_data(results[5], num_samples=100)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single pseudo-chain / Pareto-k notes from ArviZ
         summary = az.summary(b, var_names=["layer.relevance_sorted", "layer.effective_rank"])
         assert "mean" in summary.columns
-        loo = az.loo(b)
-        assert math.isfinite(loo.elpd_loo)
-        ranking = az.compare({"max_rank=2": a, "max_rank=5": b})
-        assert set(ranking.index) == {"max_rank=2", "max_rank=5"}
-        axes = az.plot_forest(b, var_names=["layer.relevance_sorted"])
-    assert np.ravel(axes)[0].figure is not None
+        assert len(summary) == 6  # 5 sorted relevances + the effective rank
+        rhat = az.rhat(b, var_names=["layer.relevance_sorted"])["layer.relevance_sorted"]
+        ess = az.ess(b, var_names=["layer.relevance_sorted"])["layer.relevance_sorted"]
+    assert rhat.shape == (5,) and ess.shape == (5,)
+    assert np.isfinite(ess.values).all()
+
+
+def test_loo_and_compare_same_fields_on_every_arviz(fits):
+    results, data = fits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = bf.loo(results[5], num_samples=100)
+        from_data = bf.loo(bf.to_inference_data(results[5], num_samples=100))
+        ranking = bf.compare({"max_rank=2": results[2], "max_rank=5": results[5]}, num_samples=100)
+        best = ranking.index[0]
+        best_alone = bf.loo(results[int(best[-1])], num_samples=100)
+    assert math.isfinite(est.elpd) and est.se > 0 and 0 < est.p < 50
+    assert est.pareto_k.shape == (200,)
+    # with noise 0.1 on 2 outputs the per-row elpd is about 2 * log N(0; 0, 0.1) ~ 2.8
+    assert 1.5 < est.elpd / 200 < 3.5
+    assert math.isfinite(from_data.elpd)
+    assert set(ranking.index) == {"max_rank=2", "max_rank=5"}
+    for column in bf.arviz_compat.COMPARE_COLUMNS:
+        assert column in ranking.columns, column
+    assert ranking["weight"].sum() == pytest.approx(1.0, abs=1e-6)
+    # ArviZ 1.x's convention on both: this model's elpd minus the best one's, unrounded
+    assert ranking["elpd_diff"].iloc[0] == 0 and (ranking["elpd_diff"] <= 0).all()
+    assert ranking.loc[best, "elpd"] == pytest.approx(best_alone.elpd, rel=0.05)
+
+
+def test_loo_and_compare_bad_input(fits):
+    results, _ = fits
+    with pytest.raises(TypeError, match="expected a FitResult or ArviZ data"):
+        bf.loo("nope")
+    with pytest.raises(ValueError, match="results: expected a dict of at least two"):
+        bf.compare({"only": results[2]})
+    no_ll = bf.to_inference_data(results[2], num_samples=20, log_likelihood=False)
+    with pytest.raises(ValueError, match="'log_likelihood' group"):
+        bf.loo(no_ll)
+
+
+def test_from_dict_builds_native_data_with_attrs():
+    draws = np.random.default_rng(0).normal(size=(2, 30, 3))
+    data = bf.arviz_compat.from_dict(
+        {"posterior": {"x": draws}},
+        coords={"k": np.arange(3)},
+        dims={"x": ["k"]},
+        attrs={"library": "bayes_fusion"},
+    )
+    expected = "InferenceData" if bf.arviz_compat.major_version() == 0 else "DataTree"
+    assert type(data).__name__ == expected
+    assert data.posterior["x"].dims == ("chain", "draw", "k")
+    assert data.posterior.attrs["library"] == "bayes_fusion"
+    with pytest.raises(ValueError, match="groups: expected a dict with a 'posterior' group"):
+        bf.arviz_compat.from_dict({"prior": {"x": draws}})
 
 
 def test_plots_write_pngs(fits, tmp_path):
@@ -65,7 +114,9 @@ def test_plots_write_pngs(fits, tmp_path):
     paths = {name: tmp_path / f"{name}.png" for name in ("rank", "forest", "elbo")}
     fig, _ = bf.plot_rank_posterior(res, paths["rank"])
     assert fig is not None
-    bf.plot_relevance_forest(res, paths["forest"])
+    fig, axes = bf.plot_relevance_forest(res, paths["forest"])
+    assert isinstance(axes, np.ndarray) and fig is axes[0].figure
+    assert "sorted relevance (90% HDI)" in [ax.get_title() for ax in axes]
     bf.plot_relevance_forest(res, tmp_path / "lam.png", var="rank_scale_sorted")
     bf.plot_elbo(res, paths["elbo"])
     for path in list(paths.values()) + [tmp_path / "lam.png"]:

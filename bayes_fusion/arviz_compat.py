@@ -1,0 +1,154 @@
+"""The one place where ArviZ 0.2x and ArviZ 1.x differ for this package.
+
+ArviZ 0.2x (the last line that installs on Python 3.11) returns ``InferenceData``; ArviZ >= 1.0
+(Python >= 3.12: ``arviz-base``, ``arviz-stats``, ``arviz-plots``) returns an xarray
+``DataTree``. Both hold the same groups (``posterior``, ``log_likelihood``, ...) reachable as
+attributes, both give ``az.summary`` / ``az.rhat`` / ``az.ess`` with the same call, and this
+module smooths over the calls that differ:
+
+* :func:`from_dict` -- group-per-keyword (0.x) vs one dict of groups (1.x);
+* :func:`loo` -- a pandas ``ELPDData`` with ``elpd_loo`` / ``p_loo`` (0.x) vs an
+  ``ELPDDataLOO`` object with ``elpd`` / ``p`` (1.x), returned here as one :class:`Elpd`;
+* :func:`compare` -- the comparison table with the 1.x column names on both;
+* :func:`plot_forest` -- a matplotlib axes array (0.x) vs an arviz-plots ``PlotCollection``
+  (1.x), returned here as ``(figure, axes)``.
+
+arviz is imported inside the functions: importing :mod:`bayes_fusion` does not import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Elpd", "compare", "from_dict", "loo", "major_version", "plot_forest"]
+
+#: the column names of :func:`compare` on every ArviZ version (0.x names are renamed)
+COMPARE_COLUMNS = ("rank", "elpd", "p", "elpd_diff", "weight", "se", "dse")
+_COLUMNS_0X = {"elpd_loo": "elpd", "p_loo": "p"}
+
+
+def major_version() -> int:
+    """Major version of the installed ArviZ: 0 (``InferenceData``) or 1+ (``DataTree``)."""
+    import arviz as az
+
+    return int(az.__version__.split(".")[0])
+
+
+def from_dict(
+    groups: dict[str, dict[str, np.ndarray]],
+    coords: dict[str, Any] | None = None,
+    dims: dict[str, list[str]] | None = None,
+    attrs: dict[str, Any] | None = None,
+):
+    """Build ArviZ data from arrays: ``InferenceData`` on ArviZ 0.x, ``DataTree`` on 1.x.
+
+    :param groups: group name (``"posterior"``, ``"posterior_predictive"``,
+        ``"log_likelihood"``, ``"observed_data"``, ``"sample_stats"``, ...) -> variable name ->
+        array. Arrays of sampled groups have shape ``(chain, draw, ...)``; ``observed_data``
+        has no sample dims.
+    :param coords: dim name -> coordinate values.
+    :param dims: variable name -> names of its non-sample dims.
+    :param attrs: attributes set on every group.
+    """
+    import arviz as az
+
+    if not isinstance(groups, dict) or "posterior" not in groups:
+        raise ValueError(
+            f"groups: expected a dict with a 'posterior' group, got {type(groups).__name__}"
+            + (f" with groups {sorted(groups)}" if isinstance(groups, dict) else "")
+        )
+    if major_version() >= 1:
+        data = az.from_dict(groups, coords=coords, dims=dims)
+    else:
+        data = az.from_dict(**groups, coords=coords, dims=dims)
+    for group in groups:
+        getattr(data, group).attrs.update(attrs or {})
+    return data
+
+
+@dataclass(frozen=True)
+class Elpd:
+    """PSIS-LOO estimate, the same fields on every ArviZ version.
+
+    :ivar elpd: expected log pointwise predictive density (higher is better).
+    :ivar se: its standard error.
+    :ivar p: effective number of parameters (``p_loo``).
+    :ivar pareto_k: Pareto shape per observation, shape ``(N,)`` (> 0.7: unreliable).
+    :ivar native: the object ArviZ returned (``ELPDData`` / ``ELPDDataLOO``).
+    """
+
+    elpd: float
+    se: float
+    p: float
+    pareto_k: np.ndarray
+    native: Any
+
+
+def loo(data, var_name: str | None = None) -> Elpd:
+    """``az.loo`` on ArviZ data with a ``log_likelihood`` group.
+
+    :param data: ``InferenceData`` (0.x) or ``DataTree`` (1.x).
+    :param var_name: the log-likelihood variable (``None``: the only one).
+    """
+    import arviz as az
+
+    native = az.loo(data, var_name=var_name, pointwise=True)
+    if major_version() >= 1:
+        elpd, se, p = native.elpd, native.se, native.p
+    else:
+        elpd, se, p = native["elpd_loo"], native["se"], native["p_loo"]
+    k = native.pareto_k
+    return Elpd(float(elpd), float(se), float(p), np.asarray(getattr(k, "values", k)), native)
+
+
+def compare(datasets: dict[str, Any]):
+    """``az.compare`` by PSIS-LOO with stacking weights.
+
+    :param datasets: model name -> ArviZ data with a ``log_likelihood`` group.
+    :returns: pandas ``DataFrame``, one row per model (best first), unrounded, with at least
+        the columns :data:`COMPARE_COLUMNS` on every ArviZ version, in ArviZ 1.x's convention:
+        ``elpd_diff`` is the model's elpd minus the best model's (``<= 0``; ArviZ 0.x reports
+        the opposite sign, turned here).
+    """
+    import arviz as az
+
+    if major_version() >= 1:
+        return az.compare(datasets, round_to="none")
+    table = az.compare(datasets).rename(columns=_COLUMNS_0X)
+    table["elpd_diff"] = -table["elpd_diff"]
+    return table
+
+
+def plot_forest(data, var_names: list[str], ci_prob: float, height: float):
+    """Forest plot of ``var_names`` (chains combined) with central ``ci_prob`` HDIs.
+
+    :param data: ``InferenceData`` (0.x) or ``DataTree`` (1.x).
+    :param var_names: posterior variables to show.
+    :param ci_prob: probability mass of the highest-density interval.
+    :param height: figure height in inches (width 6).
+    :returns: ``(figure, axes)``, ``axes`` a numpy array of matplotlib axes.
+    """
+    import arviz as az
+
+    if major_version() >= 1:
+        collection = az.plot_forest(
+            data,
+            var_names=var_names,
+            combined=True,
+            ci_kind="hdi",
+            ci_probs=(0.5, ci_prob),
+            backend="matplotlib",
+        )
+        fig = collection.viz["figure"].item()
+        axes = np.ravel(collection.viz["plot"].values)
+        fig.set_size_inches(6, height)
+        return fig, axes
+    axes = np.ravel(
+        az.plot_forest(
+            data, var_names=var_names, hdi_prob=ci_prob, combined=True, figsize=(6, height)
+        )
+    )
+    return axes[0].figure, axes
