@@ -1,11 +1,10 @@
 """bayes_fusion: Bayesian low-rank tensor layers with automatic rank determination on Pyro."""
 
-__version__ = "0.1.0"
-
 from . import arviz_compat, datasets, distributed, ops  # noqa: E402
+from ._version import __version__  # noqa: E402
 from .contributions import ModalityContributions, modality_contributions  # noqa: E402
 from .guides import GUIDES, make_guide, rank_layers  # noqa: E402
-from .infer import FitResult, NonFiniteLossError, fit, load  # noqa: E402
+from .infer import FitResult, NonFiniteLossError, fit, fit_nuts, fit_svi, load  # noqa: E402
 from .layers import (  # noqa: E402
     CPFusion,
     DeterministicCPFusion,
@@ -56,6 +55,8 @@ __all__ = [
     "distributed",
     "effective_rank_draws",
     "fit",
+    "fit_nuts",
+    "fit_svi",
     "load",
     "loo",
     "make_guide",

@@ -92,7 +92,7 @@ def test_direct_elbo_weights_the_guide_by_the_kl_weight():
     log_prior = sum(s["log_prob_sum"] for s in sites if s["name"] in values)
     expected = -(log_lik + beta * (log_prior - log_q))
     pyro.set_rng_seed(3)
-    annealed = bf.infer._PriorAnneal()
+    annealed = bf.infer.svi_step.PriorAnneal()
     annealed.beta = beta
     loss = direct.differentiable_loss(annealed(model), args, guide_scale=beta)
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)

@@ -268,3 +268,23 @@ def test_full_batch_fit_resets_a_stale_num_data(small):
     model.num_data = 10_000  # left over from a minibatch fit on a larger data set
     bf.fit(model, small.inputs, small.y, num_steps=2, progress=False)
     assert model.num_data is None
+
+
+def test_fit_forwards_options_and_names_the_method_that_takes_them(small):
+    with pytest.raises(
+        TypeError,
+        match=r"\['num_samples'\] for guide='map' \(fit_svi takes .*"
+        r"\['num_samples'\] are options of fit_nuts",
+    ):
+        bf.fit(_model(), small.inputs, small.y, guide="map", num_samples=10)
+    with pytest.raises(TypeError, match=r"for guide='nuts' \(fit_nuts takes .*'warmup_steps'"):
+        bf.fit(_model(), small.inputs, small.y, guide="nuts", lr=0.1)
+    with pytest.raises(ValueError, match=r"guide: expected one of .*got 'nuts'"):
+        bf.fit_svi(_model(), small.inputs, small.y, guide="nuts")
+
+
+def test_fit_is_fit_svi_with_the_same_options(small):
+    kw = dict(guide="meanfield", num_steps=30, seed=3, progress=False)
+    a = bf.fit(_model(), small.inputs, small.y, **kw)
+    b = bf.fit_svi(_model(), small.inputs, small.y, **kw)
+    assert a.losses == b.losses

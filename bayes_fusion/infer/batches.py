@@ -1,0 +1,117 @@
+"""Which rows each SVI step sees: the model's dataset size for minibatch scaling, the
+reshuffled global batches, and (distributed) this process's shard of each."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import distributed as bfdist
+from .._checks import check_positive_int
+from .data import slice_rows
+
+__all__ = ["BatchStream", "configure_batching", "prototype_args", "start_distributed"]
+
+
+def configure_batching(model, rows: int | None, batch_size: int | None, sync) -> int | None:
+    """Validate ``batch_size`` and set the model's ``num_data`` (the likelihood is scaled by
+    ``N / batch``); returns the batch size in effect (``None``: full batch).
+
+    :raises ValueError: a non-positive ``batch_size``, no tensor with rows, or a minibatch on a
+        model without ``num_data``.
+    """
+    if batch_size is not None:
+        batch_size = check_positive_int("batch_size", batch_size)
+        if rows is None:
+            raise ValueError("batch_size: the model arguments hold no tensor with rows")
+        batch_size = min(batch_size, rows)
+        if hasattr(model, "num_data"):
+            model.num_data = rows if batch_size < rows else None
+        elif batch_size < rows:
+            raise ValueError(
+                "batch_size: this model has no num_data attribute to scale its "
+                "likelihood; subsample inside your model instead"
+            )
+    elif sync is not None:
+        model.num_data = rows  # each rank sees a shard: scale its likelihood to all rows
+    elif getattr(model, "num_data", None) not in (None, rows):
+        # full-batch fit: a dataset size left over from an earlier minibatch fit on other
+        # data would scale the likelihood wrongly
+        model.num_data = None
+    return batch_size
+
+
+def prototype_args(args: tuple, batch_size: int | None, rows: int | None, sync) -> tuple:
+    """Arguments of the shape one step sees (the guide is built on these)."""
+    if sync is not None:
+        return slice_rows(args, sync.plan.local_rows(torch.arange(batch_size or rows)))
+    return args if batch_size is None else slice_rows(args, slice(0, batch_size))
+
+
+class BatchStream:
+    """Endless iterator over the model arguments of each step.
+
+    Full batch: ``args`` every step. Minibatches: rows reshuffled every epoch by
+    ``generator`` (so a resumed fit continues the sequence). Distributed: the same global
+    batch on every rank, each rank yielding its shard and setting its likelihood weight on
+    ``anneal.obs_scale``.
+
+    :param args: the full model arguments. :param rows: their row count.
+    :param batch_size: global batch size (``None``: full batch).
+    :param generator: ``torch.Generator`` of the shuffling.
+    :param sync: distributed synchroniser or ``None``.
+    :param anneal: the :class:`~bayes_fusion.infer.svi_step.PriorAnneal` of the fit.
+    :param proto_args: this rank's full-batch shard (as :func:`prototype_args`).
+    """
+
+    def __init__(self, args, rows, batch_size, generator, sync, anneal, proto_args) -> None:
+        self.args, self.rows, self.batch_size = args, rows, batch_size
+        self.generator, self.sync, self.anneal = generator, sync, anneal
+        self.proto_args = proto_args
+
+    def _global_batches(self):
+        while True:
+            if self.batch_size is None or self.batch_size >= self.rows:
+                yield None
+                continue
+            perm = torch.randperm(self.rows, generator=self.generator)
+            for i in range(0, self.rows - self.batch_size + 1, self.batch_size):
+                yield perm[i : i + self.batch_size]
+
+    def __iter__(self):
+        sync = self.sync
+        for idx in self._global_batches():
+            if sync is None:
+                yield self.args if idx is None else slice_rows(self.args, idx)
+            elif idx is None:  # full batch: this rank's shard is proto_args, every step
+                self.anneal.obs_scale = sync.plan.likelihood_weight(self.rows)
+                yield self.proto_args
+            else:
+                self.anneal.obs_scale = sync.plan.likelihood_weight(len(idx))
+                yield slice_rows(self.args, sync.plan.local_rows(idx))
+
+
+def start_distributed(model, args, rows: int | None, batch_size: int | None, timeout: float):
+    """Join the torchrun process group and return the gradient synchroniser.
+
+    :raises ValueError: no rows to shard, a model without ``num_data``, or fewer rows in a
+        global batch than processes.
+    """
+    if rows is None:
+        raise ValueError("distributed: the model arguments hold no tensor with rows to shard")
+    if not hasattr(model, "num_data"):
+        raise ValueError(
+            "distributed: this model has no num_data attribute to scale each rank's shard "
+            "of the likelihood; use bf.Regressor/bf.Classifier or add num_data to your model"
+        )
+    params = list(model.parameters()) + list(model.buffers())
+    device = params[0].device if params else torch.device("cpu")
+    bfdist.init(device=device, timeout=timeout)
+    bfdist.check_backend_device(device)
+    sync = bfdist.GradientSync(device)
+    smallest = min(rows, batch_size or rows)
+    if smallest < sync.world_size:
+        raise ValueError(
+            f"batch_size: expected at least one row per process ({sync.world_size}), "
+            f"got a global batch of {smallest}"
+        )
+    return sync

@@ -1,0 +1,103 @@
+"""Model arguments and RNG seeds: rows, row slicing, finiteness checks, latent-site shapes and
+guide draws. No Pyro inference here: every inference method builds on these."""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+__all__ = [
+    "apply_seed",
+    "check_args_finite",
+    "model_latent_shapes",
+    "num_rows",
+    "sample_guide",
+    "slice_rows",
+]
+
+
+def apply_seed(seed: int | None) -> None:
+    """Seed Python's, numpy's and torch's RNGs (``pyro.set_rng_seed``); ``None`` leaves them.
+
+    :raises TypeError: ``seed`` is neither an int nor ``None``.
+    """
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int or None, got {seed!r}")
+    pyro.set_rng_seed(seed)
+
+
+def num_rows(obj) -> int | None:
+    """Number of data rows: the first dim of the first tensor (with dims) in ``obj``, a tensor
+    or a (nested) list/tuple of model arguments; ``None`` when there is none."""
+    if isinstance(obj, Tensor):
+        return obj.shape[0] if obj.dim() > 0 else None
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            rows = num_rows(item)
+            if rows is not None:
+                return rows
+    return None
+
+
+def slice_rows(obj, index):
+    """Select rows ``index`` of every tensor in a (nested) list/tuple of model arguments."""
+    if isinstance(obj, Tensor):
+        return obj[index] if obj.dim() > 0 else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(slice_rows(item, index) for item in obj)
+    return obj
+
+
+def check_args_finite(obj, name: str = "args") -> None:
+    """Refuse NaN/inf in any floating tensor of the (nested) model arguments.
+
+    :raises ValueError: naming the argument path (e.g. ``args[1]``) and the count.
+    """
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            bad = int((~torch.isfinite(obj)).sum())
+            raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            check_args_finite(item, f"{name}[{i}]")
+
+
+def model_latent_shapes(model, *args, **kwargs) -> tuple[dict[str, torch.Size], int]:
+    """Latent site name -> value shape (unbatched) and the model's max plate nesting."""
+    # a prior trace consumes random numbers: fork the RNG so that inspecting a model (e.g. when
+    # writing a checkpoint) never changes the course of training
+    with torch.random.fork_rng(), poutine.block(), torch.no_grad():
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    shapes, nesting = {}, 0
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and frame.dim is not None:
+                nesting = max(nesting, -frame.dim)
+        if not site["is_observed"] and not site["infer"].get("is_auxiliary", False):
+            shapes[name] = site["value"].shape
+    return shapes, nesting
+
+
+def sample_guide(guide, args, num_samples: int, shapes: dict, nesting: int) -> dict:
+    """Draw ``num_samples`` joint samples of the latent sites from ``guide`` (vectorized).
+
+    :param shapes: latent site -> value shape, as from :func:`model_latent_shapes`.
+    :param nesting: the model's plate nesting (the draws get a plate left of it).
+    :returns: site -> tensor ``(num_samples, *shape)``.
+    """
+    with torch.no_grad(), poutine.block(), pyro.plate("_bf_draws", num_samples, dim=-nesting - 1):
+        tr = poutine.trace(guide).get_trace(*args)
+    out = {}
+    for name, shape in shapes.items():
+        value = tr.nodes[name]["value"].reshape((-1,) + tuple(shape))
+        out[name] = (
+            value.expand((num_samples,) + tuple(shape)).clone() if value.shape[0] == 1 else value
+        )
+    return out

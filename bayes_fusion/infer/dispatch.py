@@ -1,0 +1,73 @@
+"""``fit()``: the one entry point. It checks the guide name, refuses options the chosen method
+does not take, and hands over to :func:`~bayes_fusion.fit_svi` or
+:func:`~bayes_fusion.fit_nuts`, where every option is a named, documented parameter."""
+
+from __future__ import annotations
+
+import inspect
+
+from pyro.infer.autoguide import AutoGuide
+
+from .._checks import check_choice
+from ..guides import GUIDES
+from .nuts import fit_nuts
+from .result import FitResult
+from .svi import fit_svi
+
+__all__ = ["fit"]
+
+
+def _options(method) -> list[str]:
+    """The keyword-only parameters of ``method`` (the options ``fit`` may forward)."""
+    params = inspect.signature(method).parameters.values()
+    return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def fit(model, *args, guide: str | AutoGuide | type = "meanfield", **options) -> FitResult:
+    """Fit ``model`` to data by SVI or NUTS.
+
+    ``guide="nuts"`` runs :func:`~bayes_fusion.fit_nuts` (options ``num_samples``,
+    ``warmup_steps``, ``num_chains``, ``init``, ``target_accept_prob``, ``chain_method``, ...);
+    any other guide runs :func:`~bayes_fusion.fit_svi` (options ``num_steps``, ``lr``,
+    ``batch_size``, ``kl_warmup``, ``early_stopping``, ``checkpoint_path``, ``resume``,
+    ``distributed``, ...). Both take ``seed`` (default 0) and ``progress``. See those two
+    functions for every option and its default.
+
+    :param model: a Pyro model, e.g. ``Regressor(CPFusion(...))`` or any user PyroModule.
+    :param args: model arguments, e.g. ``(inputs, y)``; tensors' first dim is the data rows.
+    :param guide: ``"map"``, ``"meanfield"``, ``"lowrank"``, ``"full"``, ``"nuts"``, an
+        autoguide class (built with the preset initialisation) or a guide instance.
+    :param options: keyword options of the chosen method.
+    :returns: :class:`~bayes_fusion.FitResult`.
+    :raises TypeError: an option the chosen method does not take (the message lists the ones
+        it does).
+    :raises ValueError: an unknown guide name, or bad option values (named).
+
+    Example::
+
+        >>> import bayes_fusion as bf
+        >>> from bayes_fusion.datasets import make_cp_regression
+        >>> data = make_cp_regression((3, 4), 2, rank=1, num_data=50, seed=0)
+        >>> model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3))
+        >>> res = bf.fit(model, data.inputs, data.y, guide="map", num_steps=100, progress=False)
+        >>> res.method, len(res.losses)
+        ('map', 100)
+    """
+    if isinstance(guide, str):
+        check_choice("guide", guide, GUIDES + ("nuts",))
+    nuts = isinstance(guide, str) and guide == "nuts"
+    if nuts and "distributed" in options and options.pop("distributed") is not False:
+        raise ValueError("distributed: NUTS runs on one process; use num_chains for parallelism")
+    method, other = (fit_nuts, fit_svi) if nuts else (fit_svi, fit_nuts)
+    accepted = _options(method)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        elsewhere = [name for name in unknown if name in _options(other)]
+        hint = f"; {elsewhere} are options of {other.__name__}" if elsewhere else ""
+        raise TypeError(
+            f"fit: unexpected keyword arguments {unknown} for guide={guide!r} "
+            f"({method.__name__} takes {[n for n in accepted if n != 'guide']}){hint}"
+        )
+    if nuts:
+        return fit_nuts(model, *args, **options)
+    return fit_svi(model, *args, guide=guide, **options)

@@ -1,0 +1,69 @@
+"""Numerical trouble during a fit: the error that stops training, the diagnosis that names the
+offending sites, and the warning for a layer whose components all collapsed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import torch
+from pyro import poutine
+
+from ..guides import rank_layers
+from ..rank import effective_rank_draws
+
+__all__ = ["NonFiniteLossError", "non_finite_error", "warn_on_collapse"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the ELBO (or a gradient) becomes NaN/inf; training stops at once."""
+
+
+def _find_bad_sites(model, guide, args) -> list[str]:
+    """Sites (or params) whose value or log-density is not finite, for the error message."""
+    bad = []
+    for name, value in pyro.get_param_store().items():
+        if not bool(torch.isfinite(value).all()):
+            bad.append(f"param {name}")
+    try:
+        with poutine.block(), torch.no_grad():
+            g = poutine.trace(guide).get_trace(*args)
+            m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args)
+        for tr in (g, m):
+            for name, site in tr.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                if not bool(torch.isfinite(site["value"]).all()):
+                    bad.append(f"site {name} (value)")
+                elif not bool(torch.isfinite(site["fn"].log_prob(site["value"])).all()):
+                    bad.append(f"site {name} (log density)")
+    except Exception as exc:  # noqa: BLE001 - diagnosis must not hide the original error
+        bad.append(f"(tracing failed: {type(exc).__name__}: {exc})")
+    return sorted(set(bad))
+
+
+def non_finite_error(step: int, loss: float, model, guide, batch) -> NonFiniteLossError:
+    """The error for a non-finite loss at ``step``, naming the offending sites of ``batch``."""
+    bad = _find_bad_sites(model, guide, batch) or "unknown"
+    return NonFiniteLossError(
+        f"fit: non-finite loss {loss} at step {step}; offending: {bad}. Training stopped; "
+        "lower lr, standardize the data, or check the inputs."
+    )
+
+
+def warn_on_collapse(result) -> None:
+    """Warn when every component of a rank-bearing layer of ``result``'s model is off."""
+    layers = rank_layers(result.model)
+    if not layers:
+        return
+    draws = result.posterior_samples(num_samples=50 if result.method != "map" else 1)
+    for path, layer in layers.items():
+        ranks = effective_rank_draws(layer, draws)
+        if int(ranks.max()) == 0:
+            warnings.warn(
+                f"fit: every component of layer {path or type(layer).__name__!r} collapsed "
+                "(effective rank 0): all lambda -> 0. Standardize inputs/targets, raise eta, "
+                "lower lr, or use guide='meanfield'.",
+                RuntimeWarning,
+                stacklevel=3,
+            )

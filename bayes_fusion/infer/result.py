@@ -1,0 +1,286 @@
+"""What a fit returns: :class:`FitResult` (draws, prediction, MCMC diagnostics, saving) and
+:func:`load`, which rebuilds one from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from torch import Tensor
+
+from .._checks import check_positive_int
+from .._version import __version__
+from ..guides import make_guide, rank_layers
+from ..models import Classifier
+from .data import model_latent_shapes, sample_guide, slice_rows
+from .persist import CHECKPOINT_FORMAT, read_state, save_state
+
+__all__ = ["FitResult", "load"]
+
+
+class FitResult:
+    """What :func:`fit` returns: the fitted model and guide (or MCMC draws) plus the history.
+
+    :ivar model: the model that was fit.
+    :ivar guide: the guide (``None`` for NUTS).
+    :ivar method: ``"map"``, ``"meanfield"``, ``"lowrank"``, ``"full"``, ``"custom"`` or
+        ``"nuts"``.
+    :ivar losses: list of SVI losses (negative ELBO), one per step.
+    :ivar args: the model arguments the fit used (kept by reference, not copied).
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        method: str,
+        args: tuple,
+        losses: list[float] | None = None,
+        mcmc_samples: dict[str, Tensor] | None = None,
+        info: dict | None = None,
+        optim_state: dict | None = None,
+        param_state: dict | None = None,
+    ) -> None:
+        self.model = model
+        self.guide = guide
+        self.method = method
+        self.args = args
+        self.losses = list(losses or [])
+        self.mcmc_samples = mcmc_samples
+        self.info = dict(info or {})
+        self.optim_state = optim_state
+        # the parameter-store scope of this fit (see ParamStoreDict.scope)
+        self._param_state = (
+            param_state if param_state is not None else {"params": {}, "constraints": {}}
+        )
+        self._latent_shapes, self._nesting = model_latent_shapes(model, *args)
+
+    @property
+    def is_mcmc(self) -> bool:
+        return self.mcmc_samples is not None
+
+    @property
+    def latent_sites(self) -> list[str]:
+        """Names of the model's latent sites."""
+        return list(self._latent_shapes)
+
+    def param_scope(self):
+        """Context manager that activates this fit's own parameter store (so several fits
+        with the same parameter names coexist)."""
+        return pyro.get_param_store().scope(self._param_state)
+
+    def posterior_samples(
+        self, num_samples: int = 200, group_by_chain: bool = False, seed: int | None = None
+    ) -> dict[str, Tensor]:
+        """Posterior draws of every latent site.
+
+        :param num_samples: SVI: number of guide draws. MCMC: ignored (all draws are returned).
+        :param group_by_chain: MCMC: keep the chain axis, ``(C, D, ...)``; SVI: one chain,
+            ``(1, S, ...)``.
+        :param seed: optional RNG seed for the guide draws.
+        :returns: site name -> tensor ``(S, ...)`` (or ``(C, D, ...)``).
+        """
+        if self.is_mcmc:
+            if group_by_chain:
+                return dict(self.mcmc_samples)
+            return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.mcmc_samples.items()}
+        num_samples = check_positive_int("num_samples", num_samples)
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        with self.param_scope():
+            draws = sample_guide(
+                self.guide, self.args, num_samples, self._latent_shapes, self._nesting
+            )
+        if group_by_chain:
+            draws = {k: v.unsqueeze(0) for k, v in draws.items()}
+        return draws
+
+    def predict(
+        self,
+        *args,
+        num_samples: int = 200,
+        chunk_size: int = 100,
+        interval: float = 0.9,
+        return_samples: bool = False,
+        seed: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Posterior predictive summaries for new inputs.
+
+        Draws are pushed through the model ``chunk_size`` at a time (vectorized), so memory is
+        bounded by the chunk, not by ``num_samples``; the observed targets are never passed.
+
+        :param args: model inputs (without targets), e.g. ``(inputs,)``.
+        :param num_samples: number of posterior draws (SVI); MCMC uses all its draws.
+        :param interval: mass of the central predictive interval.
+        :param return_samples: also return the draws (``"samples"``: ``(S, N, P)``).
+        :returns: regression: ``mean``, ``std``, ``lower``, ``upper`` (shape ``(N, P)``);
+            classification: ``probs`` ``(N, C)`` and ``mean`` (the same).
+        """
+        if not 0 < interval < 1:
+            raise ValueError(f"interval: expected a number in (0, 1), got {interval!r}")
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        draws = self.posterior_samples(num_samples)
+        classify = isinstance(self.model, Classifier)
+        means, obs = [], []
+        for out in self.predictive_chunks(draws, args, ["_RETURN", "obs"], chunk_size):
+            ret = out["_RETURN"]
+            means.append(ret.softmax(-1) if classify else ret)
+            if not classify and "obs" in out:
+                obs.append(out["obs"].reshape(ret.shape))
+        mean_draws = torch.cat(means)
+        if classify:
+            probs = mean_draws.mean(0)
+            result = {"probs": probs, "mean": probs}
+        else:
+            samples = torch.cat(obs) if obs else mean_draws
+            lo, hi = (1 - interval) / 2, (1 + interval) / 2
+            q = torch.quantile(samples, torch.tensor([lo, hi], dtype=samples.dtype), dim=0)
+            result = {
+                "mean": mean_draws.mean(0),
+                "std": samples.std(0),
+                "lower": q[0],
+                "upper": q[1],
+            }
+        if return_samples:
+            result["samples"] = mean_draws
+        return result
+
+    def predictive_chunks(
+        self, draws: dict[str, Tensor], args: tuple, sites: list[str], chunk_size: int = 100
+    ):
+        """Run the model on ``draws`` (site -> ``(S, ...)``) ``chunk_size`` draws at a time
+        (vectorized), yielding ``Predictive`` outputs for ``sites``: memory stays bounded by
+        the chunk, whatever ``S`` is."""
+        total = next(iter(draws.values())).shape[0]
+        for start in range(0, total, chunk_size):
+            chunk = {k: v[start : start + chunk_size] for k, v in draws.items()}
+            n = next(iter(chunk.values())).shape[0]
+            pred = pyro.infer.Predictive(
+                self.model,
+                posterior_samples=chunk,
+                num_samples=n,
+                parallel=True,
+                return_sites=sites,
+            )
+            with torch.no_grad(), self.param_scope():
+                yield pred(*args)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """MCMC diagnostics: divergences per chain and r-hat / ESS of every site, with the
+        rank scales *sorted per draw* (label-switching invariant). Warns when r-hat > 1.01 or
+        when any transition diverged.
+
+        :raises ValueError: for SVI results (no chains to diagnose).
+        """
+        if not self.is_mcmc:
+            raise ValueError(
+                f"diagnostics: expected an MCMC (guide='nuts') result, got method={self.method!r}"
+            )
+        from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+        r_hat, ess = {}, {}
+        sorted_names = {
+            layer.site_name(layer.SCALE_SITE) for layer in rank_layers(self.model).values()
+        }
+        for name, value in self.mcmc_samples.items():
+            v = value.double()
+            if name in sorted_names:
+                v = v.sort(dim=-1, descending=True).values
+                name = f"{name} (sorted)"
+            if v.shape[1] < 4:
+                continue
+            r_hat[name] = float(split_gelman_rubin(v).max())
+            ess[name] = float(effective_sample_size(v).min())
+        divergences = self.info.get("divergences", [])
+        out = {"divergences": divergences, "r_hat": r_hat, "ess": ess}
+        bad = {k: v for k, v in r_hat.items() if not v <= 1.01}
+        if bad or sum(divergences):
+            warnings.warn(
+                f"MCMC diagnostics: {sum(divergences)} divergent transitions; r-hat > 1.01 "
+                f"for {sorted(bad)}. Run more warm-up, raise target_accept_prob, or use "
+                "reparam=True.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return out
+
+    # --- persistence ---------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything :func:`load` needs (tensors, numbers and strings only)."""
+        example = slice_rows(self.args, slice(0, 2))
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "method": self.method,
+            "losses": self.losses,
+            "info": self.info,
+            "model_state": self.model.state_dict(),
+            "guide_state": None if self.guide is None else self.guide.state_dict(),
+            "optim_state": self.optim_state,
+            "mcmc_samples": self.mcmc_samples,
+            "example_args": example,
+            "latent_shapes": {k: list(v) for k, v in self._latent_shapes.items()},
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to ``path`` atomically (temporary file + rename: a failed save never leaves a
+        half-written file in place of a good one)."""
+        save_state(self.state(), path)
+
+
+def load(path: str | os.PathLike, model, guide=None) -> FitResult:
+    """Load a :class:`FitResult` saved with :meth:`FitResult.save` into ``model``.
+
+    :param path: checkpoint file.
+    :param model: a model of the same architecture as the one that was saved.
+    :param guide: required only when the fit used a custom guide: an instance to load into.
+    :raises FileNotFoundError: no such file. :raises ValueError: corrupted/truncated file, a
+        file from another library version, or a model whose shapes do not match.
+    """
+    state = read_state(path)
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as exc:
+        raise ValueError(f"model: does not match the checkpoint: {exc}") from exc
+    args = state["example_args"]
+    shapes, _ = model_latent_shapes(model, *args)
+    saved = {k: torch.Size(v) for k, v in state["latent_shapes"].items()}
+    if saved != dict(shapes):
+        diff = {
+            k: (tuple(saved.get(k, ())), tuple(shapes.get(k, ())))
+            for k in set(saved) | set(shapes)
+            if saved.get(k) != shapes.get(k)
+        }
+        raise ValueError(
+            f"model: latent sites do not match the checkpoint (site: (saved, given)) {diff}"
+        )
+    method = state["method"]
+    param_state = {"params": {}, "constraints": {}}
+    if method != "nuts":
+        if guide is None:
+            if method == "custom":
+                raise ValueError("guide: this checkpoint used a custom guide; pass an instance")
+            guide = make_guide(method, model, *args)
+        with pyro.get_param_store().scope(param_state), poutine.block(), torch.no_grad():
+            guide(*args)  # warm up: creates the guide's parameters before loading them
+            guide.load_state_dict(state["guide_state"])
+    else:
+        guide = None
+    result = FitResult(
+        model,
+        guide,
+        method,
+        args,
+        state["losses"],
+        state["mcmc_samples"],
+        state["info"],
+        state["optim_state"],
+        param_state=param_state,
+    )
+    return result
