@@ -208,13 +208,6 @@ class DirectELBO:
         ):
             raise _Unsupported(f"the parameters of site {name!r} are not stored as expected")
 
-    @property
-    def traceable(self) -> bool:
-        """Whether a ``torch.jit.trace`` of the loss draws the same numbers as the eager loss
-        (``AutoDelta``, ``AutoNormal``; torch's multivariate samplers draw differently while
-        traced)."""
-        return isinstance(self.guide, (autoguide.AutoDelta, autoguide.AutoNormal))
-
     def params(self) -> list[Tensor]:
         """The unconstrained leaf tensors the optimizer updates (shared with the guide)."""
         return list(self._params)
@@ -234,7 +227,7 @@ class DirectELBO:
 
     @contextlib.contextmanager
     def _module_parameters(self, params):
-        """Let the guide's own ``get_posterior()`` read ``params`` (e.g. traced inputs)."""
+        """Let the guide's own ``get_posterior()`` read ``params`` (e.g. compiled inputs)."""
         if params is self._params:
             yield
             return
@@ -286,7 +279,7 @@ class DirectELBO:
         :param guide_scale: weight of ``log q`` (the KL warm-up weight; the model's latent
             sites are weighted by the messengers around ``model``).
         :param params: tensors to use in place of :meth:`params` (same order and shapes),
-            e.g. the inputs of a traced function; ``None``: the guide's own.
+            e.g. the inputs of a compiled function; ``None``: the guide's own.
         """
         values, log_q = self.sample_guide(params)
         with LogJoint(values) as joint:

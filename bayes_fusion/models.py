@@ -39,6 +39,16 @@ def check_data_inputs(inputs) -> int:
     return rows
 
 
+def _defined_together(obj, *names: str) -> bool:
+    """Whether the methods ``names`` of ``obj`` all come from the same class (a subclass that
+    overrides one of them alone breaks the correspondence between them)."""
+
+    def owner(name):
+        return next((c for c in type(obj).__mro__ if name in vars(c)), None)
+
+    return len({owner(name) for name in names}) == 1
+
+
 class _Likelihood(PyroModule):
     """A layer + a likelihood over the rows of the data, in a plate of the dataset size.
 
@@ -53,6 +63,24 @@ class _Likelihood(PyroModule):
             raise TypeError(f"layer: expected a torch.nn.Module, got {type(layer).__name__}")
         self.layer = layer
         self.num_data = None if num_data is None else check_positive_int("num_data", num_data)
+
+    @property
+    def has_log_joint(self) -> bool:
+        """Whether :meth:`log_joint` computes what :meth:`forward` samples: the layer is one of
+        the library's rank layers, and neither this model's nor the layer's class overrides
+        ``forward`` without its Pyro-free twin (``log_joint`` / ``apply``)."""
+        from .layers.base import RankLayer
+
+        return (
+            isinstance(self.layer, RankLayer)
+            and _defined_together(self, "forward", "log_joint")
+            and _defined_together(self.layer, "forward", "apply", "site_priors")
+        )
+
+    def _data_scale(self, rows: int) -> float:
+        """Weight of the likelihood of a batch of ``rows`` rows (``num_data / rows`` for a
+        minibatch, as the subsampled data plate scales it)."""
+        return 1.0 if self.num_data is None else self.num_data / rows
 
     def _plate(self, rows: int, observed: bool):
         size = self.num_data if (observed and self.num_data is not None) else rows
@@ -107,12 +135,36 @@ class Regressor(_Likelihood):
         out = pred.shape[-1]
         if y is not None:
             y = self._check_targets(y, rows, out, pred.dtype)
-        scale = self.noise_prior_scale.to(pred.dtype).expand(out)
-        noise = pyro.sample("noise", dist.HalfNormal(scale).to_event(1))
+        noise = pyro.sample("noise", self._noise_prior(out, pred.dtype))
         noise = to_op_layout(noise, 1).unsqueeze(-2)
         with self._plate(rows, y is not None):
             pyro.sample("obs", dist.Normal(pred, noise).to_event(1), obs=y)
         return pred
+
+    def _noise_prior(self, out: int, dtype: torch.dtype) -> dist.TorchDistribution:
+        return dist.HalfNormal(self.noise_prior_scale.to(dtype).expand(out)).to_event(1)
+
+    def log_joint(
+        self, values: dict[str, Tensor], inputs, y: Tensor, latent_scale=1.0, obs_scale=1.0
+    ) -> Tensor:
+        """``log p(y, values | inputs)`` at one draw, computed without Pyro: the same value as
+        the scaled log-densities of :meth:`forward`'s sites (the minibatch scale of the data
+        plate included), for :class:`~bayes_fusion.direct_elbo.DirectELBO`'s fast path.
+
+        :param values: site name -> value of every latent site (no particle dims).
+        :param inputs: the (already validated) inputs. :param y: targets ``(N, P)`` / ``(N,)``.
+        :param latent_scale: weight of the latent sites' log-densities (the KL warm-up).
+        :param obs_scale: extra weight of the likelihood (a distributed shard's weight).
+        :returns: scalar tensor.
+        """
+        pred = self.layer.apply(self.layer.short_values(values), inputs)
+        noise = values["noise"]
+        log_prior = self.layer.log_prior(values)
+        log_prior = log_prior + self._noise_prior(pred.shape[-1], pred.dtype).log_prob(noise)
+        y = y.unsqueeze(-1) if y.dim() == 1 else y
+        log_lik = dist.Normal(pred, noise.unsqueeze(-2)).log_prob(y).sum()
+        weight = obs_scale * self._data_scale(pred.shape[-2])
+        return latent_scale * log_prior + weight * log_lik
 
     @staticmethod
     def _check_targets(y, rows: int, out: int, dtype: torch.dtype) -> Tensor:
@@ -155,6 +207,16 @@ class Classifier(_Likelihood):
         with self._plate(rows, y is not None):
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
         return logits
+
+    def log_joint(
+        self, values: dict[str, Tensor], inputs, y: Tensor, latent_scale=1.0, obs_scale=1.0
+    ) -> Tensor:
+        """``log p(y, values | inputs)`` at one draw, computed without Pyro (see
+        :meth:`Regressor.log_joint`; ``y`` holds integer labels ``(N,)``)."""
+        logits = self.layer.apply(self.layer.short_values(values), inputs)
+        log_lik = dist.Categorical(logits=logits).log_prob(y).sum()
+        weight = obs_scale * self._data_scale(logits.shape[-2])
+        return latent_scale * self.layer.log_prior(values) + weight * log_lik
 
     @staticmethod
     def _check_labels(y, rows: int, classes: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""The fast SVI path: DirectELBO (== Trace_ELBO), the traced loss, the fused optimizer."""
+"""The fast SVI path: DirectELBO (== Trace_ELBO), the compiled loss, the fused optimizer."""
 
 import math
 
@@ -11,9 +11,9 @@ from pyro.infer.autoguide import AutoLaplaceApproximation, AutoNormal
 from pyro.nn import PyroModule
 
 import bayes_fusion as bf
+from bayes_fusion.compiled import CompiledFunction, flatten_tensors, unflatten_tensors
 from bayes_fusion.direct_elbo import DirectELBO
 from bayes_fusion.optim import FusedClippedAdam
-from bayes_fusion.traced import TracedFunction, flatten_tensors, unflatten_tensors
 
 GUIDES = ["map", "meanfield", "lowrank", "full"]
 
@@ -146,7 +146,7 @@ def test_fast_path_still_stops_on_nan():
         bf.fit(model, *args, guide="meanfield", num_steps=20, callback=poison, progress=False)
 
 
-# --- traced functions ---------------------------------------------------------------------
+# --- compiled functions -------------------------------------------------------------------
 def test_flatten_round_trip():
     a, b = torch.randn(2), torch.randn(3)
     obj = ([a, None], {"k": b, "n": 3}, (1.5, "s"))
@@ -156,44 +156,54 @@ def test_flatten_round_trip():
     assert back[0][0] is a and back[0][1] is None and back[1]["k"] is b and back[2] == (1.5, "s")
 
 
-def test_traced_function_draws_fresh_numbers_and_retraces_on_new_shapes():
-    fn = TracedFunction(lambda x: (x * torch.empty_like(x).normal_()).sum())
+def test_compiled_function_draws_fresh_numbers_and_recompiles_on_new_shapes():
+    fn = CompiledFunction(lambda x: (x * torch.empty_like(x).normal_()).sum())
     x = torch.ones(5)
     torch.manual_seed(0)
     first, second = float(fn(x)), float(fn(x))
-    assert first != second and fn.num_traces == 1
+    assert first != second and fn.num_compiles == 1 and fn.compile_seconds > 0
     torch.manual_seed(0)
     eager = float((x * torch.empty_like(x).normal_()).sum())
     assert first == pytest.approx(eager, rel=1e-6)  # the same stream as the eager function
     fn(torch.ones(6))
-    assert fn.num_traces == 2
+    assert fn.num_compiles == 2
     fn(torch.ones(5))
-    assert fn.num_traces == 2
+    assert fn.num_compiles == 2 and fn.failed is None
 
 
-def test_traced_function_retraces_when_the_extra_key_changes():
+def test_compiled_function_recompiles_when_the_extra_key_changes():
     weight = {"w": 1.0}
-    fn = TracedFunction(lambda x: (x * weight["w"]).sum(), extra_key=lambda: weight["w"])
+    fn = CompiledFunction(lambda x: (x * weight["w"]).sum(), extra_key=lambda: weight["w"])
     x = torch.ones(3)
     assert float(fn(x)) == 3.0
     weight["w"] = 2.0
-    assert float(fn(x)) == 6.0 and fn.num_traces == 2
+    assert float(fn(x)) == 6.0 and fn.num_compiles == 2
 
 
-def test_traced_function_falls_back_when_the_trace_is_wrong():
+def test_compiled_function_falls_back_when_the_graph_disagrees():
     calls = []
 
-    def drifting(x):
-        # stands for Python control flow on tensor values: the trace freezes the path of its
-        # own call, and here the later (eager) calls take another one
+    def counting(x):
+        # state changed by every call: the compiled graph keeps the value of its own call
         calls.append(1)
-        return x.sum() if len(calls) == 1 else x.sum() + 1.0
+        return x.sum() + len(calls)
 
-    fn = TracedFunction(drifting, name="drifting")
-    with pytest.warns(RuntimeWarning, match="drifting: the traced graph gives 3.0 where the eager"):
+    fn = CompiledFunction(counting, name="counting")
+    with pytest.warns(RuntimeWarning, match="counting: the compiled graph gives 4.0 where the"):
         out = fn(torch.ones(3))
-    assert float(out) == 4.0  # the eager value
-    assert float(fn(torch.ones(3))) == 4.0 and fn.num_traces == 1  # eager from then on
+    assert float(out) == 6.0  # the eager value of the third call
+    assert float(fn(torch.ones(3))) == 7.0 and fn.num_compiles == 1  # eager from then on
+    assert "compiled graph gives" in fn.failed
+
+
+def test_compiled_function_falls_back_when_compilation_fails():
+    def branchy(x):  # Python control flow on a tensor value: not one graph
+        return x.sum() if x.sum().item() > 0 else -x.sum()
+
+    fn = CompiledFunction(branchy, name="branchy")
+    with pytest.warns(RuntimeWarning, match="branchy: torch.compile failed .*running it eagerly"):
+        out = fn(torch.ones(3))
+    assert float(out) == 3.0 and float(fn(-torch.ones(2))) == 2.0
 
 
 # --- fused optimizer ------------------------------------------------------------------------

@@ -3,14 +3,19 @@ guide draws. No Pyro inference here: every inference method builds on these."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from .._checks import check_positive_int
+
 __all__ = [
     "apply_seed",
+    "intra_op_threads",
     "check_args_finite",
     "model_latent_shapes",
     "num_rows",
@@ -29,6 +34,27 @@ def apply_seed(seed: int | None) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int or None, got {seed!r}")
     pyro.set_rng_seed(seed)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def intra_op_threads(num_threads: int | None):
+    """Context manager: torch's intra-op thread count set to ``num_threads`` while it is open
+    (``None``: unchanged).
+
+    :raises ValueError: ``num_threads`` is not a positive int.
+    """
+    if num_threads is None:
+        return contextlib.nullcontext()
+    return _threads(check_positive_int("num_threads", num_threads))
 
 
 def num_rows(obj) -> int | None:

@@ -52,7 +52,8 @@ def fit_nuts(
     :param init: ``"map"``: start from the best of 3 MAP fits; ``"default"``: the layers' own
         initial values (collapsed path) or Pyro's default (generic path).
     :param init_steps: SVI steps of each MAP fit.
-    :param jit_compile: generic path: compile the potential with Pyro's ``jit_compile``.
+    :param jit_compile: generic path: Pyro's own ``jit_compile`` option (it records the
+        potential with ``torch.jit``, which torch deprecates).
     :param max_tree_depth: NUTS maximum tree depth.
     :param target_accept_prob: NUTS step-size adaptation target.
     :param chain_method: ``"auto"``, ``"parallel"`` or ``"sequential"``.

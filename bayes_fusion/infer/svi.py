@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .._checks import check_choice, check_positive_float, check_positive_int
 from ..guides import GUIDES, layer_init_values, make_guide
 from .batches import BatchStream, configure_batching, prototype_args, start_distributed
-from .data import apply_seed, check_args_finite, num_rows
+from .data import apply_seed, check_args_finite, intra_op_threads, num_rows
 from .faults import warn_on_collapse
 from .persist import read_state
 from .result import FitResult
@@ -53,6 +53,7 @@ def fit_svi(
     resume: FitResult | str | os.PathLike | None = None,
     distributed: bool = False,
     distributed_timeout: float = 120.0,
+    num_threads: int | None = None,
 ) -> FitResult:
     """Fit ``model`` by SVI (MAP, mean-field, low-rank or full Gaussian, or any guide).
 
@@ -73,11 +74,13 @@ def fit_svi(
         ``early_stopping_tol`` for this many steps (``None``: run all steps).
     :param callback: called as ``callback(step, loss)`` after each step; returning ``True``
         stops training.
-    :param jit: compile the loss with ``torch.jit.trace``. ``None`` (default): compile the
-        direct ELBO (below) for the library's own models (``Regressor``/``Classifier`` around a
-        ``CPFusion``/``XOXLinear``), whose Python control flow depends on shapes only;
-        ``True``: compile for any model (Pyro's ``JitTrace_ELBO`` where the direct ELBO does
-        not apply); ``False``: never. Every new trace is checked against the eager loss once.
+    :param jit: compile the loss with ``torch.compile`` (one graph, forward and backward;
+        :mod:`bayes_fusion.compiled`). Applies to the library's own models (``Regressor`` /
+        ``Classifier`` around a ``CPFusion`` / ``XOXLinear``), whose log joint is computed
+        without Pyro; every new compilation is checked against the eager loss once, and a
+        failure falls back to eager with one warning. ``None`` (default): compile fits of at
+        least ``COMPILE_MIN_STEPS`` (10,000) steps, where the compile time (15-20 s on a 2-core
+        CPU) pays off; ``True``: always (a warning where it cannot); ``False``: never.
     :param direct_elbo: compute the one-particle ELBO of the preset guides (``AutoDelta``,
         ``AutoNormal``, ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``)
         straight from the guide parameters (:mod:`bayes_fusion.direct_elbo`: the same value
@@ -101,8 +104,13 @@ def fit_svi(
         rank-averaged gradient; checkpoints are written by rank 0 only.
     :param distributed_timeout: seconds a collective waits for a peer before
         :class:`~bayes_fusion.distributed.DistributedError` is raised.
+    :param num_threads: torch intra-op threads for this fit (restored afterwards); ``None``:
+        leave torch's setting. The steps of small models gain little from several threads, and
+        threads that spin while the cores are busy with other work can make steps many times
+        slower: ``num_threads=1`` is the safe choice on a shared machine.
     :returns: :class:`FitResult` with ``losses`` (one per step) and ``info`` (``seconds``,
-        ``steps``, ``kl_warmup_steps``, ``rng_state``).
+        ``steps``, ``kl_warmup_steps``, ``compile_seconds`` (``None`` when not compiled; not
+        part of ``seconds``' steps but of the fit's wall time), ``rng_state``).
     :raises NonFiniteLossError: when a loss or gradient turns NaN/inf (names step and sites).
 
     Example::
@@ -118,6 +126,7 @@ def fit_svi(
     num_steps, lr, num_particles, checkpoint_every = _checked_numbers(
         model, guide, distributed, num_steps, lr, num_particles, checkpoint_every
     )
+    threads = intra_op_threads(num_threads)
     apply_seed(seed)
     check_args_finite(args)
     rows = num_rows(args)
@@ -127,7 +136,7 @@ def fit_svi(
     batch_size = configure_batching(model, rows, batch_size, sync)
 
     # train in a private parameter-store scope: fits never collide by parameter name
-    with pyro.get_param_store().scope() as param_state:
+    with threads, pyro.get_param_store().scope() as param_state:
         proto_args = prototype_args(args, batch_size, rows, sync)
         method, guide_obj = _build_guide(guide, model, proto_args, init_scale)
         optim = optimizer or default_optimizer(lr, num_steps, final_lr_fraction)
@@ -138,8 +147,9 @@ def fit_svi(
             guide_obj(*proto_args)
         losses = _restore(resume, guide_obj, optim, gen)
         stepper = SVIStepper(
-            model, guide_obj, optim, num_particles, vectorize_particles, jit, direct_elbo, sync
-        )
+            model, guide_obj, optim, num_particles, vectorize_particles, jit, direct_elbo, sync,
+            num_steps,
+        )  # fmt: skip
         warmup = int(kl_warmup * num_steps)
         if sync is not None:
             # start every rank from rank 0's values, as DDP does
@@ -154,7 +164,12 @@ def fit_svi(
         )  # fmt: skip
         if sync is not None:
             sync.check_in_sync(last_step)
-        info = {"seconds": time.perf_counter() - t0, "steps": last_step, "kl_warmup_steps": warmup}
+        info = {
+            "seconds": time.perf_counter() - t0,
+            "steps": last_step,
+            "kl_warmup_steps": warmup,
+            "compile_seconds": stepper.compile_seconds,
+        }
         result = run.finish(losses, info, param_state)
         warn_on_collapse(result)
         return result

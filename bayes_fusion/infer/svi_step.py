@@ -1,22 +1,20 @@
-"""One SVI step: the KL warm-up weight, the choice of loss (direct ELBO traced or eager, Pyro's
-``Trace_ELBO`` / ``JitTrace_ELBO``), the default optimizer, and the refusal to apply
-non-finite gradients."""
+"""One SVI step: the KL warm-up weight, the choice of loss (the direct ELBO, compiled or eager;
+Pyro's ``Trace_ELBO``), the default optimizer, and the refusal to apply non-finite gradients."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor
 
+from ..compiled import CompiledFunction
 from ..direct_elbo import DirectELBO
-from ..layers.base import RankLayer
-from ..models import _Likelihood
 from ..optim import FusedClippedAdam
-from ..traced import TracedFunction
 from .faults import non_finite_error
 
 __all__ = ["PriorAnneal", "SVIStepper", "default_optimizer", "svi_step"]
@@ -44,15 +42,6 @@ class PriorAnneal(pyro.poutine.messenger.Messenger):
         factor = self.obs_scale if msg["is_observed"] else self.beta
         if isinstance(factor, torch.Tensor) or factor != 1.0:
             msg["scale"] = msg["scale"] * factor
-
-    def from_last_arg(self, fn):
-        """``fn`` under this messenger, taking ``beta`` as a tensor appended to its args."""
-
-        def weighted(*args, **kwargs):
-            self.beta = args[-1]
-            return self(fn)(*args[:-1], **kwargs)
-
-        return weighted
 
 
 def svi_step(svi: SVI, batch, sync=None, step: int = 0, direct=None, beta=1.0) -> float:
@@ -88,44 +77,68 @@ def svi_step(svi: SVI, batch, sync=None, step: int = 0, direct=None, beta=1.0) -
     return loss
 
 
-def traceable_model(model) -> bool:
-    """Whether ``model`` is one of the library's own models, safe to trace by default."""
-    return isinstance(model, _Likelihood) and isinstance(model.layer, RankLayer)
+#: ``jit=None`` compiles the loss of fits of at least this many steps: compiling costs about
+#: 10-20 s on a 2-core CPU the first time and saves 1.5-2 ms per step there
+#: (benchmarks/results), so it pays off from roughly 7,000 steps on
+COMPILE_MIN_STEPS = 10_000
+
+
+def default_compile(model, num_steps: int) -> bool:
+    """``jit=None``: compile when the model allows it and the fit is long enough to repay the
+    compile time (:data:`COMPILE_MIN_STEPS`)."""
+    return compilable_model(model) and num_steps >= COMPILE_MIN_STEPS
+
+
+def compilable_model(model) -> bool:
+    """Whether ``model`` computes its log joint without Pyro (``model.log_joint``: the
+    library's ``Regressor`` / ``Classifier`` around a ``CPFusion`` / ``XOXLinear``), so that
+    its loss can be compiled into one graph."""
+    return bool(getattr(model, "has_log_joint", False))
 
 
 class DirectLoss:
-    """fit's fast loss: the direct ELBO of ``guide`` on ``anneal(model)``, maybe traced.
+    """fit's fast loss: the direct ELBO of ``guide``, maybe compiled.
+
+    For the library's own models the model's log joint is computed without Pyro
+    (``model.log_joint``, equal to Pyro's scoring of its sites); for any other model, the
+    model runs under :class:`~bayes_fusion.direct_elbo.LogJoint` inside ``anneal``.
 
     :param direct: the :class:`DirectELBO` of the guide.
     :param anneal: the KL warm-up / shard-weight messenger (its ``beta`` weights the model's
-        latent sites; the same ``beta`` weights ``log q`` here).
-    :param model: the model. :param compiled: trace the loss (:class:`TracedFunction`).
+        latent sites and ``log q``; its ``obs_scale`` the likelihood).
+    :param model: the model.
+    :param compiled: compile the loss (:class:`~bayes_fusion.compiled.CompiledFunction`);
+        only for a model with a Pyro-free log joint.
     """
 
     def __init__(self, direct: DirectELBO, anneal: PriorAnneal, model, compiled: bool) -> None:
         self.direct = direct
         self.anneal = anneal
-        self.model = anneal(model)
+        self.pure = compilable_model(model)
+        self.model = model if self.pure else anneal(model)
         self.params = direct.params()
-        self.traced = (
-            TracedFunction(self._loss, extra_key=lambda: anneal.obs_scale, name="fit(jit)")
-            if compiled
-            else None
+        self.compiled = (
+            CompiledFunction(self._loss, name="fit(jit)") if compiled and self.pure else None
         )
 
-    def _loss(self, beta, params, batch) -> Tensor:
+    def _loss(self, beta, obs_scale, params, batch) -> Tensor:
+        if self.pure:
+            values, log_q = self.direct.sample_guide(params)
+            log_p = self.model.log_joint(values, *batch, latent_scale=beta, obs_scale=obs_scale)
+            return -(log_p - beta * log_q)
         self.anneal.beta = beta
         return self.direct.differentiable_loss(self.model, batch, guide_scale=beta, params=params)
 
     def loss_and_grads(self, batch, beta: float) -> float:
         """Loss at KL weight ``beta``; gradients accumulated into the parameters' ``.grad``."""
         with pyro.validation_enabled(False):
-            if self.traced is None:
-                loss = self._loss(beta, self.params, batch)
+            if self.compiled is None:
+                loss = self._loss(beta, self.anneal.obs_scale, self.params, batch)
             else:
                 like = self.params[0]
-                beta_t = torch.tensor(beta, dtype=like.dtype, device=like.device)
-                loss = self.traced(beta_t, self.params, tuple(batch))
+                weights = torch.tensor([beta, self.anneal.obs_scale], dtype=like.dtype)
+                beta_t, obs_t = weights.to(like.device).unbind()
+                loss = self.compiled(beta_t, obs_t, self.params, tuple(batch))
         self.anneal.beta = beta
         loss.backward()
         return float(loss.detach())
@@ -135,8 +148,8 @@ class SVIStepper:
     """The steps of one SVI fit: picks the loss once, then runs :func:`svi_step` per batch.
 
     The direct ELBO (:class:`~bayes_fusion.direct_elbo.DirectELBO`) serves the preset guides
-    with one particle, traced when ``jit`` asks for it (``None``: for the library's own
-    models); otherwise Pyro's ``Trace_ELBO``, or ``JitTrace_ELBO`` for ``jit=True``.
+    with one particle, compiled when ``jit`` asks for it (``None``: :func:`default_compile`);
+    otherwise Pyro's ``Trace_ELBO``.
 
     :param model: the model. :param guide: the guide (parameters already created).
     :param optim: a ``pyro.optim`` optimizer.
@@ -144,33 +157,47 @@ class SVIStepper:
     :param jit: ``None`` / ``True`` / ``False``, as :func:`~bayes_fusion.fit_svi`.
     :param direct_elbo: allow the direct ELBO.
     :param sync: the distributed gradient synchroniser, or ``None``.
+    :param num_steps: the fit's number of steps (for ``jit=None``).
     """
 
     def __init__(
-        self, model, guide, optim, num_particles, vectorize_particles, jit, direct_elbo, sync
+        self,
+        model,
+        guide,
+        optim,
+        num_particles,
+        vectorize_particles,
+        jit,
+        direct_elbo,
+        sync,
+        num_steps,
     ) -> None:
         self.model, self.guide, self.sync = model, guide, sync
         self.anneal = PriorAnneal()
         self.direct = None
+        if jit and not (direct_elbo and compilable_model(model)):
+            warnings.warn(
+                "fit: jit=True compiles the loss of the library's own models (bf.Regressor / "
+                "bf.Classifier around CPFusion / XOXLinear) with direct_elbo=True; this fit "
+                "runs eagerly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         if direct_elbo and num_particles == 1 and not DirectELBO.unsupported_reason(guide):
-            direct_loss = DirectELBO(guide)
-            wanted = traceable_model(model) if jit is None else bool(jit)
-            compiled = direct_loss.traceable and wanted
-            if compiled or not jit:  # jit=True on other guides: Pyro's JitTrace_ELBO below
-                self.direct = DirectLoss(direct_loss, self.anneal, model, compiled)
-        self.pyro_jit = bool(jit) and self.direct is None
-        elbo_kwargs = {
-            "num_particles": num_particles,
-            "vectorize_particles": vectorize_particles and num_particles > 1,
-        }
-        if self.pyro_jit:
-            # JitTrace_ELBO bakes Python numbers into the compiled graph: the KL weight must
-            # enter as a tensor argument (the last one) to change from step to step
-            elbo = JitTrace_ELBO(ignore_jit_warnings=True, **elbo_kwargs)
-            weighted = self.anneal.from_last_arg
-        else:
-            elbo, weighted = Trace_ELBO(**elbo_kwargs), self.anneal
-        self.svi = SVI(weighted(model), weighted(guide), optim, elbo)
+            wanted = default_compile(model, num_steps) if jit is None else bool(jit)
+            self.direct = DirectLoss(DirectELBO(guide), self.anneal, model, wanted)
+        elbo = Trace_ELBO(
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles and num_particles > 1,
+        )
+        self.svi = SVI(self.anneal(model), self.anneal(guide), optim, elbo)
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """Seconds spent compiling the loss (``None`` when it is not compiled)."""
+        if self.direct is None or self.direct.compiled is None:
+            return None
+        return self.direct.compiled.compile_seconds
 
     def __call__(self, batch, step: int, beta: float, validate: bool) -> float:
         """One step on ``batch`` at KL weight ``beta``; ``validate``: through Pyro's
@@ -182,7 +209,7 @@ class SVIStepper:
         try:
             loss = svi_step(
                 self.svi,
-                (*batch, torch.tensor(beta)) if self.pyro_jit else batch,
+                batch,
                 self.sync,
                 step,
                 direct=None if validate else self.direct,

@@ -87,24 +87,56 @@ class RankLayer(PyroModule):
     def site_shapes(self) -> dict[str, tuple[int, ...]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # --- sampling -----------------------------------------------------------------------
-    def _sample_scales(self) -> Tensor:
-        return pyro.sample(self.site_name(self.SCALE_SITE), self.rank_prior.distribution(self.rank))
+    # --- priors and sampling ------------------------------------------------------------
+    def site_priors(self, values: dict[str, Tensor]):  # pragma: no cover - abstract
+        """Yield ``(short name, prior distribution)`` for every site, in sampling order.
 
-    def _sample_scaled_factor(self, short: str, scales: Tensor, rows: int) -> Tensor:
-        """Sample a ``(rows, R)`` factor whose column ``r`` is ``Normal(0, lambda_r + eps)``."""
+        A prior may depend on sites before it (the factors on the scales): it reads them from
+        ``values`` (short name -> value), which the caller fills in before resuming. This one
+        generator serves :meth:`sample_sites` (Pyro sample sites) and :meth:`log_prior` (plain
+        torch), so the two cannot disagree.
+        """
+        raise NotImplementedError
+
+    def sample_sites(self) -> dict[str, Tensor]:
+        """Sample every site of the layer as a Pyro sample site: short name -> value."""
+        values: dict[str, Tensor] = {}
+        for short, prior in self.site_priors(values):
+            values[short] = pyro.sample(self.site_name(short), prior)
+        return values
+
+    def short_values(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This layer's entries of ``values`` (full site names), keyed by short name."""
+        return {short: values[self.site_name(short)] for short in self.site_shapes()}
+
+    def log_prior(self, values: dict[str, Tensor]) -> Tensor:
+        """The layer's prior log-density at one draw, without Pyro: exactly what its sample
+        sites add to a model's log joint.
+
+        :param values: full site name -> value (one draw: event shape, no particle dims).
+        :returns: scalar tensor.
+        """
+        given: dict[str, Tensor] = {}
+        total = 0.0
+        for short, prior in self.site_priors(given):
+            given[short] = values[self.site_name(short)]
+            total = total + prior.log_prob(given[short]).sum()
+        return total
+
+    def apply(self, values: dict[str, Tensor], inputs):  # pragma: no cover - abstract
+        """The layer's output for given weights (short name -> value), without sampling or
+        input checks (``forward`` checks, samples, then applies)."""
+        raise NotImplementedError
+
+    def _scaled_prior(self, scales: Tensor, rows: int) -> dist.TorchDistribution:
+        """Prior of a ``(rows, R)`` factor whose column ``r`` is ``Normal(0, lambda_r + eps)``."""
         std = (scales + self.scale_floor).unsqueeze(-2)
         std = std.expand(std.shape[:-2] + (rows, std.shape[-1]))
-        return pyro.sample(
-            self.site_name(short), dist.Normal(torch.zeros_like(std), std).to_event(2)
-        )
+        return dist.Normal(torch.zeros_like(std), std).to_event(2)
 
-    def _sample_bias(self, size: int, like: Tensor) -> Tensor:
+    def _bias_prior(self, size: int, like: Tensor) -> dist.TorchDistribution:
         loc = like.new_zeros(size)
-        return pyro.sample(
-            self.site_name("bias"),
-            dist.Normal(loc, self.bias_scale.to(like.dtype).expand(size)).to_event(1),
-        )
+        return dist.Normal(loc, self.bias_scale.to(like.dtype).expand(size)).to_event(1)
 
     # --- init ---------------------------------------------------------------------------
     def init_values(self) -> dict[str, Tensor]:  # pragma: no cover - abstract

@@ -182,17 +182,27 @@ class CPFusion(RankLayer):
         inputs = check_modalities(inputs, self.in_features)
         first = next(m for m, x in enumerate(inputs) if x is not None)
         self._check_input_like(f"inputs[{first}]", inputs[first])
-        scales = self._sample_scales()
-        factors = [
-            to_op_layout(self._sample_scaled_factor(f"factor_{m}", scales, rows), 2)
-            for m, rows in enumerate(self.factor_rows())
-        ]
-        out_factor = to_op_layout(
-            self._sample_scaled_factor("out_factor", scales, self.out_features), 2
-        )
-        bias = None
+        return self.apply(self.sample_sites(), inputs)
+
+    def site_priors(self, values: dict[str, Tensor]):
+        """Priors in sampling order (see :meth:`RankLayer.site_priors`): ``rank_scale``, every
+        ``factor_m`` and ``out_factor`` (columns ``Normal(0, lambda + eps)``), ``bias``."""
+        yield self.SCALE_SITE, self.rank_prior.distribution(self.max_rank)
+        scales = values[self.SCALE_SITE]
+        for m, rows in enumerate(self.factor_rows()):
+            yield f"factor_{m}", self._scaled_prior(scales, rows)
+        yield "out_factor", self._scaled_prior(scales, self.out_features)
         if self.use_bias:
-            bias = to_op_layout(self._sample_bias(self.out_features, scales), 1)
+            yield "bias", self._bias_prior(self.out_features, scales)
+
+    def apply(self, values: dict[str, Tensor], inputs: Sequence[Tensor | None]) -> Tensor:
+        """Fuse checked ``inputs`` with given weights (short name -> value, Pyro's layout).
+
+        :returns: tensor of shape ``(..., B, P)``.
+        """
+        factors = [to_op_layout(values[f"factor_{m}"], 2) for m in range(self.num_modalities)]
+        out_factor = to_op_layout(values["out_factor"], 2)
+        bias = to_op_layout(values["bias"], 1) if self.use_bias else None
         return cp_fusion(inputs, factors, out_factor, bias=bias, append_one=self.append_one)
 
     def init_values(self) -> dict[str, Tensor]:

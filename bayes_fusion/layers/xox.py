@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import Tensor
@@ -119,21 +118,29 @@ class XOXLinear(RankLayer):
         self._check_input_like("x", x)
         if validation_enabled():
             check_finite("x", x)
-        scales = self._sample_scales()
-        x_in = self._sample_scaled_factor("x_in", scales, self.in_features)
+        return self.apply(self.sample_sites(), x)
+
+    def site_priors(self, values: dict[str, Tensor]):
+        """Priors in sampling order (see :meth:`RankLayer.site_priors`): ``rank_scale``,
+        ``x_in``, ``core``, ``x_out``, ``bias``."""
+        yield self.SCALE_SITE, self.rank_prior.distribution(self.genes)
+        scales = values[self.SCALE_SITE]
+        yield "x_in", self._scaled_prior(scales, self.in_features)
         core_std = self._core_std(scales)
-        core = pyro.sample(
-            self.site_name("core"), dist.Normal(torch.zeros_like(core_std), core_std).to_event(2)
-        )
-        x_out = self._sample_scaled_factor("x_out", scales, self.out_features)
-        bias = None
+        yield "core", dist.Normal(torch.zeros_like(core_std), core_std).to_event(2)
+        yield "x_out", self._scaled_prior(scales, self.out_features)
         if self.use_bias:
-            bias = to_op_layout(self._sample_bias(self.out_features, scales), 1)
+            yield "bias", self._bias_prior(self.out_features, scales)
+
+    def apply(self, values: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The layer on a checked ``x`` ``(..., B, in)`` with given weights (short name ->
+        value, Pyro's layout); returns ``(..., B, out)``."""
+        bias = to_op_layout(values["bias"], 1) if self.use_bias else None
         return xox_linear(
             x,
-            to_op_layout(x_in, 2),
-            to_op_layout(core, 2),
-            to_op_layout(x_out, 2),
+            to_op_layout(values["x_in"], 2),
+            to_op_layout(values["core"], 2),
+            to_op_layout(values["x_out"], 2),
             scale=self.output_scale,
             bias=bias,
             order=self.order,
