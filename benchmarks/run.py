@@ -57,7 +57,7 @@ def timeit(fn, device, reps, repeat, warmup=3):
     return med, (q[-1] - q[0]) / med
 
 
-def fit_step_time(model, args, reps, repeat, warmup=20, **fit_kw):
+def fit_step_time(model, args, reps, repeat, warmup=20, info_out=None, **fit_kw):
     """Median seconds per step of a real ``bf.fit`` run and the relative IQR, like timeit.
 
     The steps are timed from inside ``fit`` (a callback stamps the clock after each step), so
@@ -68,7 +68,7 @@ def fit_step_time(model, args, reps, repeat, warmup=20, **fit_kw):
     steps = warmup + reps * repeat + 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # collapse warnings on random data
-        bf.fit(
+        res = bf.fit(
             model,
             *args,
             num_steps=steps,
@@ -76,6 +76,8 @@ def fit_step_time(model, args, reps, repeat, warmup=20, **fit_kw):
             callback=lambda step, loss: stamps.append(time.perf_counter()),
             **fit_kw,
         )
+    if info_out is not None:
+        info_out.update(res.info)
     stamps = stamps[warmup:]
     times = [(stamps[(i + 1) * reps] - stamps[i * reps]) / reps for i in range(repeat)]
     med = statistics.median(times)
@@ -293,17 +295,34 @@ def bench_xox(rep, device, quick):
             )
 
 
+SVI_PROBLEM = ((128, 32, 32), 128, 16, 256)  # sizes, out, rank, batch
+
+
+def _svi_data(device):
+    sizes, out, _, batch = SVI_PROBLEM
+    xs = [torch.randn(batch, d, device=device) for d in sizes]
+    return xs, torch.randn(batch, out, device=device)
+
+
+def _svi_fit_time(device, data, quick, guide, info_out=None, **fit_kw):
+    """Per-step time of real ``fit`` steps on :data:`SVI_PROBLEM` (median, relative IQR)."""
+    sizes, out, rank, _ = SVI_PROBLEM
+    reps, repeat = (10, 5) if quick else (30, 9)
+    torch.manual_seed(0)
+    model = bf.Regressor(bf.CPFusion(sizes, out, rank)).to(device)
+    return fit_step_time(model, data, reps, repeat, guide=guide, info_out=info_out, **fit_kw)
+
+
 def bench_svi(rep, device, quick):
     """Per-step cost of ``bf.fit`` vs a hand-written plain-torch MAP loop.
 
     Every ``fit`` row times real ``fit`` steps (see :func:`fit_step_time`) with Pyro's
-    validation at its default (on), as a user's fit runs.
+    validation at its default (on), as a user's fit runs. Compiled rows (``jit=True``) leave
+    the compile time out of the step and give it in the note.
     """
-    sizes, out, rank, batch = (128, 32, 32), 128, 16, 256
+    sizes, out, rank, _ = SVI_PROBLEM
     reps, repeat = (10, 5) if quick else (30, 9)
-    kw = {"device": device}
-    xs = [torch.randn(batch, d, **kw) for d in sizes]
-    y = torch.randn(batch, out, **kw)
+    xs, y = _svi_data(device)
     g = "SVI step (128,32,32)->128 R16 B256"
 
     hand = HandMAP(sizes, out, rank).to(device)
@@ -316,28 +335,35 @@ def bench_svi(rep, device, quick):
 
     t_hand = timeit(hand_step, device, reps, repeat)
     rep.add(g, "hand-written MAP loop (torch Adam)", *t_hand)
-
-    def fit_time(guide, **fit_kw):
-        torch.manual_seed(0)
-        model = bf.Regressor(bf.CPFusion(sizes, out, rank)).to(device)
-        return fit_step_time(model, (xs, y), reps, repeat, guide=guide, **fit_kw)
-
     cases = [
-        ("map", {}, "<=1.2x", "default: direct ELBO, traced"),
-        ("meanfield", {}, "<=1.5x", "default: direct ELBO, traced"),
-        ("lowrank", {}, "<=2.0x", "default: direct ELBO"),
-        ("map", {"jit": False}, None, "direct ELBO, not traced"),
-        ("meanfield", {"jit": False}, None, "direct ELBO, not traced"),
+        ("map", {}, "<=1.2x", "default: direct ELBO, Pyro-free log joint, eager"),
+        ("meanfield", {}, "<=1.5x", "default: direct ELBO, Pyro-free log joint, eager"),
+        ("lowrank", {}, "<=2.0x", "default: direct ELBO, Pyro-free log joint, eager"),
         ("map", {"direct_elbo": False}, None, "Pyro Trace_ELBO"),
         ("meanfield", {"direct_elbo": False}, None, "Pyro Trace_ELBO"),
-        ("meanfield", {"direct_elbo": False, "jit": True}, None, "Pyro JitTrace_ELBO"),
     ]
+    if not quick:  # each compilation takes seconds
+        cases += [
+            (guide, {"jit": True}, "<=2.0x" if guide == "lowrank" else None, "compiled")
+            for guide in ("map", "meanfield", "lowrank")
+        ]
     results = {}
     for guide, fit_kw, target, how in cases:
-        t = fit_time(guide, **fit_kw)
+        info = {}
+        t = _svi_fit_time(device, (xs, y), quick, guide, info_out=info, **fit_kw)
         results[(guide, tuple(fit_kw.items()))] = t
-        rep.add(g, f"fit step {guide} ({how}) vs hand loop", *t, baseline=t_hand[0], target=target)
-    t8 = fit_time("meanfield", num_particles=8)
+        note = ""
+        if info.get("compile_seconds") is not None:
+            note = f"compile {info['compile_seconds']:.1f} s, not in the step"
+        rep.add(
+            g,
+            f"fit step {guide} ({how}) vs hand loop",
+            *t,
+            baseline=t_hand[0],
+            target=target,
+            note=note,
+        )
+    t8 = _svi_fit_time(device, (xs, y), quick, "meanfield", num_particles=8)
     rep.add(
         g,
         "meanfield 8 vectorized particles vs 1 (Pyro Trace_ELBO)",
@@ -345,6 +371,76 @@ def bench_svi(rep, device, quick):
         baseline=results[("meanfield", (("direct_elbo", False),))][0],
         target="<=3.0x",
     )
+    threads = torch.get_num_threads()
+    if threads > 1:
+        t1 = _svi_fit_time(device, (xs, y), quick, "meanfield", num_threads=1)
+        rep.add(
+            g,
+            f"fit step meanfield, 1 thread vs {threads} threads",
+            *t1,
+            baseline=results[("meanfield", ())][0],
+        )
+
+
+def _numpyro_step_ms(guide, threads, quick):
+    """ms per step of the NumPyro twin (benchmarks/numpyro_baseline.py), ``None`` when
+    numpyro is not installed."""
+    long = 300 if quick else 1200
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parent / "numpyro_baseline.py"),
+        "--guide",
+        guide,
+        "--threads",
+        str(threads),
+        "--long",
+        str(long),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 3:
+        return None
+    if proc.returncode != 0:
+        raise RuntimeError(f"numpyro baseline failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_numpyro(rep, device, quick):
+    """``fit`` steps vs the same model written by hand in NumPyro (optional: skipped when
+    numpyro is not installed), with 1 thread and with the default threads."""
+    if device.type != "cpu":
+        print("[numpyro] skipped: the NumPyro baseline runs on the CPU here")
+        return
+    g = "SVI step vs NumPyro (128,32,32)->128 R16 B256"
+    data = _svi_data(device)
+    default = torch.get_num_threads()
+    for threads in (1, default) if default > 1 else (1,):
+        label = f"{threads} thread" + ("s" if threads > 1 else "")
+        for guide in ("map", "meanfield"):
+            base = _numpyro_step_ms(guide, threads, quick)
+            if base is None:
+                print("[numpyro] skipped: numpyro is not installed (pip install numpyro)")
+                return
+            seconds = base["ms_per_step"] / 1e3
+            note = f"XLA-compiled lax.scan; compile {base['compile_s']:.1f} s"
+            rep.add(g, f"NumPyro {guide} ({label})", seconds, 0.0, note=note)
+            for jit, how in ((False, "eager"), (True, "compiled")):
+                if jit and quick:
+                    continue
+                info = {}
+                t = _svi_fit_time(
+                    device, data, quick, guide, info_out=info, jit=jit, num_threads=threads
+                )
+                note = ""
+                if info.get("compile_seconds") is not None:
+                    note = f"compile {info['compile_seconds']:.1f} s, not in the step"
+                rep.add(
+                    g,
+                    f"fit step {guide} {how} ({label}) vs NumPyro",
+                    *t,
+                    baseline=seconds,
+                    target="<=1.0x",
+                    note=note,
+                )
 
 
 def _rss_mb(key):
@@ -627,7 +723,7 @@ def main(argv=None):
         "--only",
         nargs="*",
         default=None,
-        help="subset: cp_forward cp_memory xox svi scaling throughput nuts distributed",
+        help="subset: cp_forward cp_memory xox svi numpyro scaling throughput nuts distributed",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -644,6 +740,7 @@ def main(argv=None):
         "cp_memory": lambda: bench_cp_memory(rep, device),
         "xox": lambda: bench_xox(rep, device, q),
         "svi": lambda: bench_svi(rep, device, q),
+        "numpyro": lambda: bench_numpyro(rep, device, q),
         "scaling": lambda: bench_scaling(rep, device, q, out),
         "throughput": lambda: bench_throughput(rep, device, q),
         "nuts": lambda: bench_nuts(rep, device, q),

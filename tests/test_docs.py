@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+#: these tests touch ArviZ, plotting, the examples or the docs: CI runs them on both ArviZ lines
+pytestmark = pytest.mark.arviz
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

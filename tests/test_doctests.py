@@ -8,6 +8,9 @@ from pathlib import Path
 import pyro
 import pytest
 
+#: these tests touch ArviZ, plotting, the examples or the docs: CI runs them on both ArviZ lines
+pytestmark = pytest.mark.arviz
+
 PACKAGE = Path(__file__).resolve().parents[1] / "bayes_fusion"
 WITH_EXAMPLES = sorted(
     ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")

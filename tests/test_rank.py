@@ -8,6 +8,9 @@ import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_regression, make_xox_regression
 from bayes_fusion.rank import relevance_draws
 
+#: these tests touch ArviZ, plotting, the examples or the docs: CI runs them on both ArviZ lines
+pytestmark = pytest.mark.arviz
+
 
 @pytest.fixture(scope="module")
 def cp_fit():

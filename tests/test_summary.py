@@ -12,6 +12,9 @@ import pytest
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_regression
 
+#: these tests touch ArviZ, plotting, the examples or the docs: CI runs them on both ArviZ lines
+pytestmark = pytest.mark.arviz
+
 matplotlib.use("Agg")
 
 
