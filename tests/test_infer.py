@@ -68,6 +68,8 @@ def test_jit_where_it_cannot_compile_warns_and_runs_eagerly(small):
     with pytest.warns(RuntimeWarning, match="jit=True compiles the loss of the library's own"):
         res = bf.fit(_model(), small.inputs, small.y, jit=True, direct_elbo=False, **kw)
     assert res.losses == plain.losses
+    with pytest.warns(RuntimeWarning, match="one particle and a preset guide; this fit runs"):
+        bf.fit(_model(), small.inputs, small.y, jit=True, num_particles=2, **kw)
 
 
 def test_minibatch_sets_num_data(small):

@@ -175,17 +175,17 @@ class SVIStepper:
         self.model, self.guide, self.sync = model, guide, sync
         self.anneal = PriorAnneal()
         self.direct = None
-        if jit and not (direct_elbo and compilable_model(model)):
-            warnings.warn(
-                "fit: jit=True compiles the loss of the library's own models (bf.Regressor / "
-                "bf.Classifier around CPFusion / XOXLinear) with direct_elbo=True; this fit "
-                "runs eagerly",
-                RuntimeWarning,
-                stacklevel=4,
-            )
         if direct_elbo and num_particles == 1 and not DirectELBO.unsupported_reason(guide):
             wanted = default_compile(model, num_steps) if jit is None else bool(jit)
             self.direct = DirectLoss(DirectELBO(guide), self.anneal, model, wanted)
+        if jit and self.compile_seconds is None:
+            warnings.warn(
+                "fit: jit=True compiles the loss of the library's own models (bf.Regressor / "
+                "bf.Classifier around CPFusion / XOXLinear) with direct_elbo=True, one particle "
+                "and a preset guide; this fit runs eagerly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         elbo = Trace_ELBO(
             num_particles=num_particles,
             vectorize_particles=vectorize_particles and num_particles > 1,
