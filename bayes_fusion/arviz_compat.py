@@ -129,7 +129,8 @@ def plot_forest(data, var_names: list[str], ci_prob: float, height: float):
     :param var_names: posterior variables to show.
     :param ci_prob: probability mass of the highest-density interval.
     :param height: figure height in inches (width 6).
-    :returns: ``(figure, axes)``, ``axes`` a numpy array of matplotlib axes.
+    :returns: ``(figure, axes)``, ``axes`` a numpy array of matplotlib axes, the one holding
+        the intervals first.
     """
     import arviz as az
 
@@ -143,8 +144,12 @@ def plot_forest(data, var_names: list[str], ci_prob: float, height: float):
             backend="matplotlib",
         )
         fig = collection.viz["figure"].item()
-        axes = np.ravel(collection.viz["plot"].values)
-        fig.set_size_inches(6, height)
+        plots = collection.viz["plot"]
+        # the forest itself first, then the labels column (0.x draws labels on the same axes)
+        columns = list(plots["column"].values)
+        order = sorted(range(len(columns)), key=lambda i: columns[i] != "forest")
+        axes = np.ravel(plots.values)[order]
+        fig.set_size_inches(8, height)
         return fig, axes
     axes = np.ravel(
         az.plot_forest(
