@@ -97,8 +97,6 @@ class CompiledFunction:
     :param fn: a function of nested lists/tuples/dicts of tensors (and constants) returning a
         tensor, free of Python control flow on tensor values. Tensors that require gradients
         must be passed in ``args``, never captured.
-    :param extra_key: called on every call; its (hashable) value joins the cache key, for
-        Python values ``fn`` reads from outside its arguments (e.g. a likelihood weight).
     :param rtol: relative tolerance of the check against the eager function.
     :param name: what to call ``fn`` in the warning.
     """
@@ -106,12 +104,10 @@ class CompiledFunction:
     def __init__(
         self,
         fn: Callable[..., Tensor],
-        extra_key: Callable[[], Any] | None = None,
         rtol: float = 1e-4,
         name: str = "function",
     ) -> None:
         self.fn = fn
-        self.extra_key = extra_key
         self.rtol = rtol
         self.name = name
         self._cache: dict[Any, Any] = {}
@@ -133,7 +129,6 @@ class CompiledFunction:
         key = (
             _spec_key(spec),
             tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
-            self.extra_key() if self.extra_key is not None else None,
         )
         compiled = self._cache.get(key)
         if compiled is None:

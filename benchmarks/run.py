@@ -382,9 +382,9 @@ def bench_svi(rep, device, quick):
         )
 
 
-def _numpyro_step_ms(guide, threads, quick):
-    """ms per step of the NumPyro twin (benchmarks/numpyro_baseline.py), ``None`` when
-    numpyro is not installed."""
+def _numpyro_step(guide, threads, quick):
+    """The NumPyro twin's timing record (benchmarks/numpyro_baseline.py: ``ms_per_step``,
+    ``compile_s``, versions), ``None`` when numpyro is not installed."""
     long = 300 if quick else 1200
     cmd = [
         sys.executable,
@@ -416,7 +416,7 @@ def bench_numpyro(rep, device, quick):
     for threads in (1, default) if default > 1 else (1,):
         label = f"{threads} thread" + ("s" if threads > 1 else "")
         for guide in ("map", "meanfield"):
-            base = _numpyro_step_ms(guide, threads, quick)
+            base = _numpyro_step(guide, threads, quick)
             if base is None:
                 print("[numpyro] skipped: numpyro is not installed (pip install numpyro)")
                 return

@@ -139,7 +139,6 @@ class DirectLoss:
                 weights = torch.tensor([beta, self.anneal.obs_scale], dtype=like.dtype)
                 beta_t, obs_t = weights.to(like.device).unbind()
                 loss = self.compiled(beta_t, obs_t, self.params, tuple(batch))
-        self.anneal.beta = beta
         loss.backward()
         return float(loss.detach())
 
