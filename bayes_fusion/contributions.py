@@ -24,18 +24,24 @@ from torch import Tensor
 
 from .guides import rank_layers
 from .layers.cp import CPFusion, check_modalities
+from .ops.cp import cp_main_effects
 from .rank import hdi_float, layer_draws
 
 __all__ = ["ModalityContributions", "modality_contributions", "interaction_terms"]
 
 
 def interaction_terms(
-    inputs: list[Tensor], factors: list[Tensor], out_factor: Tensor
+    inputs: list[Tensor],
+    factors: list[Tensor],
+    out_factor: Tensor,
+    main_effects: Tensor | None = None,
 ) -> dict[tuple[int, ...], Tensor]:
     """Every non-constant interaction term ``t_S`` of an append-one CP fusion.
 
     :param inputs: M tensors ``(N, d_m)``.
     :param factors: M factors ``(..., d_m + 1, R)``; ``out_factor``: ``(..., P, R)``.
+    :param main_effects: optional main effects ``(..., P, sum_m d_m)``, added to the
+        one-modality terms.
     :returns: subset (tuple of modality indices) -> ``(..., N, P)``; the terms plus the constant
         term and the bias add up to the fusion output.
     """
@@ -50,6 +56,11 @@ def interaction_terms(
                 part = proj[k] if k in subset else const[k]
                 h = part if h is None else h * part
             terms[subset] = torch.matmul(h, out_factor.transpose(-1, -2))
+    if main_effects is not None:
+        sizes = [x.shape[-1] for x in inputs]
+        for k, x in enumerate(inputs):
+            only = [x if j == k else None for j in range(m)]
+            terms[(k,)] = terms[(k,)] + cp_main_effects(only, main_effects, sizes)
     return terms
 
 
@@ -142,7 +153,9 @@ def modality_contributions(
     draws = layer_draws(fusion, result.posterior_samples(num_samples))
     factors = [draws[f"factor_{m}"] for m in range(fusion.num_modalities)]
     with torch.no_grad():
-        terms = interaction_terms(list(inputs), factors, draws["out_factor"])
+        terms = interaction_terms(
+            list(inputs), factors, draws["out_factor"], draws.get("main_effects")
+        )
     keys = list(terms)
     var = torch.stack([terms[k].var(dim=-2).sum(-1) for k in keys], dim=-1)  # (S, T)
     total = var.sum(-1, keepdim=True).clamp_min(torch.finfo(var.dtype).tiny)

@@ -38,10 +38,12 @@ from .models import Regressor
 
 
 def supports_marginal(model) -> bool:
-    """Whether ``model`` is a full-batch ``Regressor`` around a ``CPFusion`` layer."""
+    """Whether ``model`` is a full-batch ``Regressor`` around a ``CPFusion`` layer without
+    main effects (those take the generic path)."""
     return (
         type(model) is Regressor
         and type(model.layer) is CPFusion
+        and not model.layer.main_effects
         and getattr(model, "num_data", None) is None
     )
 

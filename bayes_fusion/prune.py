@@ -101,7 +101,12 @@ def prune(
             kept = torch.argsort(rel, descending=True)[: max(rank, 1)]
             factors = [own[f"factor_{m}"][:, kept] for m in range(layer.num_modalities)]
             module = DeterministicCPFusion.from_factors(
-                factors, own["out_factor"][:, kept], None, bias, layer.append_one
+                factors,
+                own["out_factor"][:, kept],
+                None,
+                bias,
+                layer.append_one,
+                main_effects=own.get("main_effects"),
             )
             kept_list = kept.tolist()
         elif isinstance(layer, XOXLinear):

@@ -114,6 +114,8 @@ def to_inference_data(
             shape = layer.site_shapes()[short]
             if short == layer.SCALE_SITE:
                 dims[full] = [rank_dim]
+            elif short == "main_effects":
+                dims[full] = [f"{full}_output", f"{full}_feature"]
             elif len(shape) == 2 and shape[1] == layer.rank:
                 dims[full] = [f"{full}_row", rank_dim]
         rp: RankPosterior = rank_posterior(result, threshold=threshold, samples=flat)[path]

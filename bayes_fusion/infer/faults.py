@@ -52,8 +52,14 @@ def non_finite_error(step: int, loss: float, model, guide, batch) -> NonFiniteLo
 
 
 def warn_on_collapse(result) -> None:
-    """Warn when every component of a rank-bearing layer of ``result``'s model is off."""
-    layers = rank_layers(result.model)
+    """Warn when every component of a rank-bearing layer of ``result``'s model is off. A
+    layer with main effects is exempt: there rank 0 is an answer (the linear term is enough),
+    not a layer that stopped computing anything."""
+    layers = {
+        path: layer
+        for path, layer in rank_layers(result.model).items()
+        if not getattr(layer, "main_effects", False)
+    }
     if not layers:
         return
     draws = result.posterior_samples(num_samples=50 if result.method != "map" else 1)

@@ -77,8 +77,9 @@ def fit_nuts(
     check_choice("full_mass", full_mass, ("auto", True, False))
     if marginalize is True and not supports_marginal(model):
         raise ValueError(
-            "marginalize: True needs a full-batch Regressor(CPFusion(...)) (Gaussian "
-            f"likelihood, conjugate output factor), got {type(model).__name__}"
+            "marginalize: True needs a full-batch Regressor(CPFusion(...)) without main "
+            "effects (Gaussian likelihood, conjugate output factor), got "
+            f"{type(model).__name__}"
         )
     common = (model, args, num_samples, warmup_steps, num_chains, progress)
     if marginalize in ("auto", True) and supports_marginal(model):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from .._checks import check_finite, check_float_tensor, check_positive_int
-from ..ops.cp import cp_component_norms, cp_fusion
+from .._checks import check_finite, check_float_tensor, check_positive_float, check_positive_int
+from ..ops.cp import cp_component_norms, cp_fusion, cp_main_effects
 from .base import RankLayer, to_op_layout, validation_enabled
 
 
@@ -72,7 +73,7 @@ class CPFusion(RankLayer):
     Fuses M >= 2 modality vectors ``x_m`` (shape ``(..., B, d_m)``) into one output of shape
     ``(..., B, P)``::
 
-        y = (prod_m x~_m U_m) U_out^T + b,     x~_m = [x_m, 1] if append_one else x_m
+        y = (prod_m x~_m U_m) U_out^T + b  [+ sum_m x_m V_m^T],   x~_m = [x_m, 1] if append_one
 
     without ever building the dense ``(d~_1, ..., d~_M, P)`` weight tensor.
 
@@ -86,11 +87,20 @@ class CPFusion(RankLayer):
     ``prefix.factor_{m}``       ``(d~_m, R)``            column r: ``Normal(0, lam_r + eps)``
     ``prefix.out_factor``       ``(P, R)``               column r: ``Normal(0, lam_r + eps)``
     ``prefix.bias``             ``(P,)``                 ``Normal(0, bias_scale)``
+    ``prefix.main_effects``     ``(P, sum_m d_m)``       ``Normal(0, main_effects_scale)``
     ==========================  =======================  ==============================
 
     ``R = max_rank``; ``eps = scale_floor``. Component r is switched off when ``lam_r`` (and
     with it every column r) shrinks to ~0; the effective rank is the number of components on
     (see :mod:`bayes_fusion.rank`).
+
+    **Main effects** (``main_effects=True``): a linear term ``V`` on the concatenated inputs
+    with its own fixed-scale prior, outside the rank prior. With append-one alone, a main
+    effect of one modality needs a whole component (the constant rows of the other modalities'
+    factors), and the rank prior shrinks it as much as a full M-way interaction; small data
+    sets then lose to a plain linear model. With the term, the components only have to carry
+    what the linear model misses, and a collapsed rank means "linear is enough". Recommended for
+    classification (see ``docs/howto.rst``).
 
     **Missing modality.** An entry ``None`` is replaced by the modality's mean input. With
     ``append_one`` that is ``[0, ..., 0, 1]``, i.e. ``x~_m U_m`` becomes the constant row of
@@ -108,6 +118,9 @@ class CPFusion(RankLayer):
     :param bias: whether to add a bias site.
     :param scale_floor: ``eps`` above, ``> 0``.
     :param bias_scale: prior std of the bias.
+    :param main_effects: add the linear main-effects site ``main_effects``.
+    :param main_effects_scale: prior std of every main-effect weight (``> 0``; ``1`` is the
+        Gaussian prior behind an L2-penalized logistic regression with ``C = 1``).
 
     Example::
 
@@ -128,6 +141,8 @@ class CPFusion(RankLayer):
         bias: bool = True,
         scale_floor: float = 1e-3,
         bias_scale: float = 1.0,
+        main_effects: bool = False,
+        main_effects_scale: float = 1.0,
     ) -> None:
         if isinstance(in_features, int) or not isinstance(in_features, (list, tuple)):
             raise TypeError(f"in_features: expected a sequence of >= 2 ints, got {in_features!r}")
@@ -144,6 +159,11 @@ class CPFusion(RankLayer):
         self.max_rank = max_rank
         self.append_one = bool(append_one)
         self.use_bias = bool(bias)
+        self.main_effects = bool(main_effects)
+        self.register_buffer(
+            "main_effects_scale",
+            torch.tensor(check_positive_float("main_effects_scale", main_effects_scale)),
+        )
 
     @property
     def rank(self) -> int:
@@ -166,6 +186,8 @@ class CPFusion(RankLayer):
         shapes["out_factor"] = (self.out_features, self.max_rank)
         if self.use_bias:
             shapes["bias"] = (self.out_features,)
+        if self.main_effects:
+            shapes["main_effects"] = (self.out_features, sum(self.in_features))
         return shapes
 
     def scaled_sites(self) -> tuple[str, ...]:
@@ -186,7 +208,8 @@ class CPFusion(RankLayer):
 
     def site_priors(self, values: dict[str, Tensor]):
         """Priors in sampling order (see :meth:`RankLayer.site_priors`): ``rank_scale``, every
-        ``factor_m`` and ``out_factor`` (columns ``Normal(0, lambda + eps)``), ``bias``."""
+        ``factor_m`` and ``out_factor`` (columns ``Normal(0, lambda + eps)``), ``bias``,
+        ``main_effects``."""
         yield self.SCALE_SITE, self.rank_prior.distribution(self.max_rank)
         scales = values[self.SCALE_SITE]
         for m, rows in enumerate(self.factor_rows()):
@@ -194,6 +217,10 @@ class CPFusion(RankLayer):
         yield "out_factor", self._scaled_prior(scales, self.out_features)
         if self.use_bias:
             yield "bias", self._bias_prior(self.out_features, scales)
+        if self.main_effects:
+            shape = (self.out_features, sum(self.in_features))
+            std = self.main_effects_scale.to(scales.dtype).expand(shape)
+            yield "main_effects", dist.Normal(torch.zeros_like(std), std).to_event(2)
 
     def apply(self, values: dict[str, Tensor], inputs: Sequence[Tensor | None]) -> Tensor:
         """Fuse checked ``inputs`` with given weights (short name -> value, Pyro's layout).
@@ -203,7 +230,11 @@ class CPFusion(RankLayer):
         factors = [to_op_layout(values[f"factor_{m}"], 2) for m in range(self.num_modalities)]
         out_factor = to_op_layout(values["out_factor"], 2)
         bias = to_op_layout(values["bias"], 1) if self.use_bias else None
-        return cp_fusion(inputs, factors, out_factor, bias=bias, append_one=self.append_one)
+        out = cp_fusion(inputs, factors, out_factor, bias=bias, append_one=self.append_one)
+        if self.main_effects:
+            weight = to_op_layout(values["main_effects"], 2)
+            out = out + cp_main_effects(inputs, weight, self.in_features)
+        return out
 
     def init_values(self) -> dict[str, Tensor]:
         """Initial values that keep every component alive at the start of training.
@@ -224,6 +255,9 @@ class CPFusion(RankLayer):
         ) / math.sqrt(self.max_rank)
         if self.use_bias:
             values[self.site_name("bias")] = torch.zeros(self.out_features, **kw)
+        if self.main_effects:
+            shape = (self.out_features, sum(self.in_features))
+            values[self.site_name("main_effects")] = torch.zeros(shape, **kw)
         return values
 
     def relevance(self, values: dict[str, Tensor]) -> Tensor:
@@ -238,12 +272,15 @@ class CPFusion(RankLayer):
     def num_parameters(self, rank: int | None = None) -> int:
         """Number of weights of a deterministic layer at ``rank`` (default ``max_rank``)."""
         rank = self.max_rank if rank is None else rank
-        return rank * (sum(self.factor_rows()) + self.out_features) + (
-            self.out_features if self.use_bias else 0
+        return (
+            rank * (sum(self.factor_rows()) + self.out_features)
+            + (self.out_features if self.use_bias else 0)
+            + (self.out_features * sum(self.in_features) if self.main_effects else 0)
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"max_rank={self.max_rank}, append_one={self.append_one}, bias={self.use_bias}"
+            + (", main_effects=True" if self.main_effects else "")
         )

@@ -15,23 +15,25 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_float_tensor, check_positive_int
-from ..ops.cp import cp_fusion, cp_to_dense
+from ..ops.cp import cp_fusion, cp_main_effects, cp_to_dense, embed_main_effects
 from ..ops.xox import ORDERS, xox_init_scale, xox_linear, xox_to_dense
 from .cp import check_modalities
 
 
 class DeterministicCPFusion(nn.Module):
-    """CP fusion ``y = ((prod_m x~_m U_m) * w) U_out^T + b`` with learnable parameters.
+    """CP fusion ``y = ((prod_m x~_m U_m) * w) U_out^T + b [+ sum_m x_m V_m^T]`` with learnable
+    parameters.
 
     :param in_features: feature sizes ``(d_1, ..., d_M)``.
     :param out_features: output size ``P``.
     :param rank: number of CP components ``R``.
     :param append_one: append the constant 1 to every modality.
     :param bias: whether to learn a bias.
+    :param main_effects: whether to learn linear main effects ``V`` (initialised at 0).
     :param dtype: parameter dtype; ``device``: parameter device.
 
     Parameters: ``factors[m]`` ``(d~_m, R)``, ``out_factor`` ``(P, R)``, ``weights`` ``(R,)``,
-    ``bias`` ``(P,)``.
+    ``bias`` ``(P,)``, ``main_effects`` ``(P, sum_m d_m)``.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class DeterministicCPFusion(nn.Module):
         bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        main_effects: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(in_features, int) or len(in_features) < 2:
@@ -63,6 +66,8 @@ class DeterministicCPFusion(nn.Module):
         )
         self.weights = nn.Parameter(torch.ones(self.rank, **kw))
         self.bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if bias else None
+        main_shape = (self.out_features, sum(self.in_features))
+        self.main_effects = nn.Parameter(torch.zeros(main_shape, **kw)) if main_effects else None
 
     def forward(self, inputs: Sequence[Tensor | None]) -> Tensor:
         """Fuse the modalities.
@@ -71,18 +76,32 @@ class DeterministicCPFusion(nn.Module):
         :returns: ``(..., B, P)``.
         """
         inputs = check_modalities(inputs, self.in_features, check_values=False)
-        return cp_fusion(
+        out = cp_fusion(
             inputs, list(self.factors), self.out_factor, self.weights, self.bias, self.append_one
         )
+        if self.main_effects is not None:
+            out = out + cp_main_effects(inputs, self.main_effects, self.in_features)
+        return out
 
     def to_dense(self) -> Tensor:
-        """Dense weight tensor of shape ``(d~_1, ..., d~_M, P)`` (tests/export only)."""
-        return cp_to_dense(list(self.factors), self.out_factor, self.weights)
+        """Dense weight tensor of shape ``(d~_1, ..., d~_M, P)`` (tests/export only), main
+        effects included (they need ``append_one``)."""
+        dense = cp_to_dense(list(self.factors), self.out_factor, self.weights)
+        if self.main_effects is None:
+            return dense
+        if not self.append_one:
+            raise ValueError(
+                "to_dense: main effects sit on the constant rows of a dense fusion tensor, "
+                "which needs append_one=True, got append_one=False"
+            )
+        return embed_main_effects(dense, self.main_effects, self.in_features)
 
     def to_tltorch(self):
-        """Export the weight as a ``tltorch.CPTensor`` of shape ``(d~_1, ..., d~_M, P)``."""
-        from .interop import cp_to_tltorch
+        """Export the weight as a ``tltorch.CPTensor`` of shape ``(d~_1, ..., d~_M, P)``
+        (refused with main effects, which a CP tensor does not hold)."""
+        from .interop import cp_to_tltorch, refuse_main_effects
 
+        refuse_main_effects(self.main_effects is not None)
         return cp_to_tltorch(
             [f.detach() for f in self.factors], self.out_factor.detach(), self.weights.detach()
         )
@@ -110,6 +129,7 @@ class DeterministicCPFusion(nn.Module):
         weights: Tensor | None = None,
         bias: Tensor | None = None,
         append_one: bool = True,
+        main_effects: Tensor | None = None,
     ) -> DeterministicCPFusion:
         """Build the layer holding copies of the given factors (shapes as in the class doc)."""
         rank = out_factor.shape[-1]
@@ -122,6 +142,7 @@ class DeterministicCPFusion(nn.Module):
             bias is not None,
             dtype=out_factor.dtype,
             device=out_factor.device,
+            main_effects=main_effects is not None,
         )
         with torch.no_grad():
             for p, f in zip(layer.factors, factors, strict=False):
@@ -130,12 +151,15 @@ class DeterministicCPFusion(nn.Module):
             layer.weights.copy_(weights if weights is not None else torch.ones_like(layer.weights))
             if bias is not None:
                 layer.bias.copy_(bias)
+            if main_effects is not None:
+                layer.main_effects.copy_(main_effects)
         return layer
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, append_one={self.append_one}, bias={self.bias is not None}"
+            + (", main_effects=True" if self.main_effects is not None else "")
         )
 
 

@@ -30,6 +30,16 @@ def cp_to_tltorch(factors: Sequence[Tensor], out_factor: Tensor, weights: Tensor
     )
 
 
+def refuse_main_effects(has_main_effects: bool) -> None:
+    """A CP tensor holds the fusion factors only: refuse to export a layer with main effects
+    (its output would silently change)."""
+    if has_main_effects:
+        raise ValueError(
+            "to_tltorch: a CP tensor holds only the fusion factors; this layer also has main "
+            "effects (main_effects=True), which the export would drop"
+        )
+
+
 def cp_from_tltorch(cp) -> tuple[list[Tensor], Tensor, Tensor]:
     """Split a ``tltorch.CPTensor`` whose last mode is the output into
     ``(factors, out_factor, weights)`` (detached copies)."""
@@ -46,7 +56,9 @@ def cpfusion_values_to_tltorch(layer: CPFusion, values: dict[str, Tensor]):
     """Export one draw (or the posterior mean) of a :class:`CPFusion`'s factors to tltorch.
 
     :param values: full site name -> tensor without draw dims (e.g. a posterior mean).
+    :raises ValueError: the layer has main effects (not part of a CP tensor).
     """
+    refuse_main_effects(layer.main_effects)
     factors = [values[layer.site_name(f"factor_{m}")] for m in range(layer.num_modalities)]
     return cp_to_tltorch(factors, values[layer.site_name("out_factor")])
 

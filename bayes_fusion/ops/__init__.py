@@ -1,6 +1,14 @@
 """Pure torch contractions (no Pyro, no state) that broadcast over leading particle dims."""
 
-from .cp import cp_component_norms, cp_dense_fusion, cp_fusion, cp_project, cp_to_dense
+from .cp import (
+    cp_component_norms,
+    cp_dense_fusion,
+    cp_fusion,
+    cp_main_effects,
+    cp_project,
+    cp_to_dense,
+    embed_main_effects,
+)
 from .xox import (
     xox_choose_order,
     xox_flops,
@@ -15,8 +23,10 @@ __all__ = [
     "cp_component_norms",
     "cp_dense_fusion",
     "cp_fusion",
+    "cp_main_effects",
     "cp_project",
     "cp_to_dense",
+    "embed_main_effects",
     "xox_choose_order",
     "xox_flops",
     "xox_gene_norms",

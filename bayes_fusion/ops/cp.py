@@ -14,6 +14,11 @@ augmented input is ``x~_m = [x_m, 1]`` of size ``d~_m = d_m + 1``; factors ``U_m
 
 The dense weight tensor ``W = [[w; U_1, ..., U_M, U_out]]`` of shape ``(d~_1, ..., d~_M, P)`` is
 only ever built by :func:`cp_to_dense`, which exists for tests and export.
+
+Optional *main effects* ``V = [V_1, ..., V_M]`` of shape ``(..., P, sum_m d_m)`` add a plain
+linear term ``sum_m x_m V_m^T`` (:func:`cp_main_effects`); with ``append_one`` they are the
+entries of ``W`` where every mode but one sits on the constant row
+(:func:`embed_main_effects`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["cp_project", "cp_fusion", "cp_to_dense", "cp_dense_fusion", "cp_component_norms"]
+__all__ = [
+    "cp_project",
+    "cp_fusion",
+    "cp_main_effects",
+    "cp_to_dense",
+    "embed_main_effects",
+    "cp_dense_fusion",
+    "cp_component_norms",
+]
 
 
 def cp_project(x: Tensor | None, factor: Tensor, append_one: bool = True) -> Tensor:
@@ -83,6 +96,54 @@ def cp_fusion(
     out = torch.matmul(hidden, out_factor.transpose(-1, -2))
     if bias is not None:
         out = out + bias.unsqueeze(-2)
+    return out
+
+
+def cp_main_effects(
+    inputs: Sequence[Tensor | None], weight: Tensor, in_features: Sequence[int]
+) -> Tensor:
+    """The linear main-effects term ``sum_m x_m V_m^T``.
+
+    A missing modality (``None``) contributes nothing: its mean input (zero for standardized
+    inputs), as in :func:`cp_project`.
+
+    :param inputs: M tensors of shape ``(..., B, d_m)`` or ``None``, not all ``None``.
+    :param weight: ``V`` of shape ``(..., P, sum_m d_m)``, the columns of modality ``m`` at
+        ``sum_{k<m} d_k`` onwards.
+    :param in_features: ``(d_1, ..., d_M)``.
+    :returns: tensor of shape ``(..., B, P)``.
+    """
+    if weight.shape[-1] != sum(in_features):
+        raise ValueError(
+            f"weight: expected {sum(in_features)} columns (sum of in_features "
+            f"{tuple(in_features)}), got shape {tuple(weight.shape)}"
+        )
+    out, start = None, 0
+    for x, d in zip(inputs, in_features, strict=True):
+        if x is not None:
+            term = torch.matmul(x, weight[..., start : start + d].transpose(-1, -2))
+            out = term if out is None else out + term
+        start += d
+    if out is None:
+        raise ValueError("inputs: expected at least one modality that is not None, got none")
+    return out
+
+
+def embed_main_effects(dense: Tensor, weight: Tensor, in_features: Sequence[int]) -> Tensor:
+    """Add main effects ``V`` ``(..., P, sum_m d_m)`` to a dense append-one fusion tensor
+    ``(..., d~_1, ..., d~_M, P)``: ``V_m[p, i]`` goes to the entry with index ``i`` on mode
+    ``m`` and the constant row on every other mode (tests and export only).
+
+    :returns: a new tensor of the shape of ``dense``.
+    """
+    m = len(in_features)
+    out, start = dense.clone(), 0
+    for k, d in enumerate(in_features):
+        index = [-1] * m
+        index[k] = slice(0, d)
+        sub = (Ellipsis, *index, slice(None))
+        out[sub] = out[sub] + weight[..., start : start + d].transpose(-1, -2)
+        start += d
     return out
 
 
