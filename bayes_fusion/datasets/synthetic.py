@@ -43,6 +43,21 @@ class SyntheticData:
         return take(slice(0, num_train)), take(slice(num_train, None))
 
 
+def _cp_truth(in_features, out_features, rank, num_data, append_one, gen):
+    """Inputs ``x_m ~ N(0, I)``, factors ``U_m ~ N(0, 1/d~_m)``, ``U_out ~ N(0, 1/R)`` rescaled so
+    that the fusion output has unit std: ``(inputs, truth, clean)`` in float64."""
+    kw = {"generator": gen, "dtype": torch.float64}
+    rows = [d + int(append_one) for d in in_features]
+    factors = [torch.randn(r, rank, **kw) / math.sqrt(r) for r in rows]
+    out_factor = torch.randn(out_features, rank, **kw) / math.sqrt(rank)
+    inputs = [torch.randn(num_data, d, **kw) for d in in_features]
+    clean = cp_fusion(inputs, factors, out_factor, append_one=append_one)
+    scale = clean.std()
+    truth = {f"factor_{m}": f for m, f in enumerate(factors)}
+    truth["out_factor"] = out_factor / scale
+    return inputs, truth, clean / scale
+
+
 def make_cp_regression(
     in_features: Sequence[int] = (8, 12, 10),
     out_features: int = 6,
@@ -65,19 +80,42 @@ def make_cp_regression(
     check_positive_int("num_data", num_data)
     check_positive_float("noise", noise)
     gen = torch.Generator().manual_seed(seed)
-    kw = {"generator": gen, "dtype": torch.float64}
-    rows = [d + int(append_one) for d in in_features]
-    factors = [torch.randn(r, rank, **kw) / math.sqrt(r) for r in rows]
-    out_factor = torch.randn(out_features, rank, **kw) / math.sqrt(rank)
-    inputs = [torch.randn(num_data, d, **kw) for d in in_features]
-    clean = cp_fusion(inputs, factors, out_factor, append_one=append_one)
-    scale = clean.std()
-    out_factor = out_factor / scale
-    clean = clean / scale
-    y = clean + noise * torch.randn(clean.shape, **kw)
-    truth = {f"factor_{m}": f.to(dtype) for m, f in enumerate(factors)}
-    truth["out_factor"] = out_factor.to(dtype)
+    inputs, truth, clean = _cp_truth(in_features, out_features, rank, num_data, append_one, gen)
+    y = clean + noise * torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+    truth = {k: v.to(dtype) for k, v in truth.items()}
     return SyntheticData([x.to(dtype) for x in inputs], y.to(dtype), rank, noise, truth)
+
+
+def make_cp_classification(
+    in_features: Sequence[int] = (6, 8, 5),
+    classes: int = 4,
+    rank: int = 3,
+    num_data: int = 2000,
+    logit_scale: float = 3.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> SyntheticData:
+    """Multi-class labels from the softmax of an append-one CP fusion of known rank.
+
+    The fusion is built as in :func:`make_cp_regression` (unit std), times ``logit_scale``;
+    labels are drawn from ``Categorical(logits)``. ``truth["probs"]`` ``(N, classes)`` holds
+    the true class probabilities, so the Bayes-optimal accuracy and log-loss are known.
+
+    :param logit_scale: std of the true logits (larger: more separable classes).
+    :returns: :class:`SyntheticData` with integer labels ``y`` ``(N,)`` and ``noise = 0``.
+    """
+    check_positive_int("rank", rank)
+    check_positive_int("num_data", num_data)
+    check_positive_int("classes", classes)
+    check_positive_float("logit_scale", logit_scale)
+    gen = torch.Generator().manual_seed(seed)
+    inputs, truth, clean = _cp_truth(in_features, classes, rank, num_data, True, gen)
+    probs = (logit_scale * clean).softmax(-1)
+    y = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    truth["out_factor"] = truth["out_factor"] * logit_scale
+    truth["probs"] = probs
+    truth = {k: v.to(dtype) for k, v in truth.items()}
+    return SyntheticData([x.to(dtype) for x in inputs], y, rank, 0.0, truth)
 
 
 def make_xox_regression(

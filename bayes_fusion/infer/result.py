@@ -117,8 +117,11 @@ class FitResult:
         :param num_samples: number of posterior draws (SVI); MCMC uses all its draws.
         :param interval: mass of the central predictive interval.
         :param return_samples: also return the draws (``"samples"``: ``(S, N, P)``).
-        :returns: regression: ``mean``, ``std``, ``lower``, ``upper`` (shape ``(N, P)``);
-            classification: ``probs`` ``(N, C)`` and ``mean`` (the same).
+        :returns: regression: ``mean``, ``std``, ``lower``, ``upper`` of new observations
+            (shape ``(N, P)``); classification: ``probs`` ``(N, C)``, the posterior predictive
+            class probabilities (``mean`` is the same tensor), and ``std``, ``lower``,
+            ``upper`` ``(N, C)``: the spread and central ``interval`` of each class probability
+            over posterior draws (MAP: no spread, the interval collapses onto ``probs``).
         """
         if not 0 < interval < 1:
             raise ValueError(f"interval: expected a number in (0, 1), got {interval!r}")
@@ -134,19 +137,14 @@ class FitResult:
             if not classify and "obs" in out:
                 obs.append(out["obs"].reshape(ret.shape))
         mean_draws = torch.cat(means)
+        # classification: the interval is over the class probabilities themselves (how sure
+        # the posterior is of p(y = c | x)); regression: over new observations
+        samples = mean_draws if classify else (torch.cat(obs) if obs else mean_draws)
+        lo, hi = (1 - interval) / 2, (1 + interval) / 2
+        q = torch.quantile(samples, torch.tensor([lo, hi], dtype=samples.dtype), dim=0)
+        result = {"mean": mean_draws.mean(0), "std": samples.std(0), "lower": q[0], "upper": q[1]}
         if classify:
-            probs = mean_draws.mean(0)
-            result = {"probs": probs, "mean": probs}
-        else:
-            samples = torch.cat(obs) if obs else mean_draws
-            lo, hi = (1 - interval) / 2, (1 + interval) / 2
-            q = torch.quantile(samples, torch.tensor([lo, hi], dtype=samples.dtype), dim=0)
-            result = {
-                "mean": mean_draws.mean(0),
-                "std": samples.std(0),
-                "lower": q[0],
-                "upper": q[1],
-            }
+            result["probs"] = result["mean"]
         if return_samples:
             result["samples"] = mean_draws
         return result
