@@ -690,6 +690,15 @@ def bench_distributed(rep, device, quick, out):
             )
 
 
+def bench_classification(quick, out):
+    """Held-out accuracy / log-loss on the bundled multi-view data (benchmarks/classification.py:
+    its own table, ``classification.md``); returns that table's markdown."""
+    import classification
+
+    classification.main((["--quick"] if quick else []) + ["--out", str(out)])
+    return (out / "classification.md").read_text()
+
+
 def machine(device):
     info = {
         "device": str(device),
@@ -723,7 +732,8 @@ def main(argv=None):
         "--only",
         nargs="*",
         default=None,
-        help="subset: cp_forward cp_memory xox svi numpyro scaling throughput nuts distributed",
+        help="subset: cp_forward cp_memory xox svi numpyro scaling throughput nuts distributed "
+        "classification",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -735,6 +745,7 @@ def main(argv=None):
     rep = Report()
     t0 = time.perf_counter()
     q = args.quick
+    extra = []  # markdown of sections with their own table (accuracy, not time)
     sections = {  # name -> run; in this order
         "cp_forward": lambda: bench_cp_forward(rep, device, q),
         "cp_memory": lambda: bench_cp_memory(rep, device),
@@ -745,6 +756,7 @@ def main(argv=None):
         "throughput": lambda: bench_throughput(rep, device, q),
         "nuts": lambda: bench_nuts(rep, device, q),
         "distributed": lambda: bench_distributed(rep, device, q, out),
+        "classification": lambda: extra.append(bench_classification(q, out)),
     }
     for name, run in sections.items():
         if args.only is None or name in args.only:
@@ -752,7 +764,7 @@ def main(argv=None):
     meta = machine(device)
     meta["quick"] = args.quick
     meta["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "results.md").write_text(rep.markdown(meta))
+    (out / "results.md").write_text("\n".join([rep.markdown(meta), *extra]))
     (out / "results.json").write_text(json.dumps({"machine": meta, "rows": rep.rows}, indent=1))
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return rep
