@@ -31,3 +31,9 @@ def test_benchmarks_quick_writes_table(tmp_path):
     slopes = [r for r in rows if r["name"].startswith("log-log slope")]
     assert all(math.isfinite(r["ms"]) for r in slopes)
     assert all(r["ms"] >= 0 for r in rows if r not in slopes)
+    # the classification section: held-out scores of every method, in the same results.md
+    assert "## Classification" in table
+    scored = json.loads((tmp_path / "classification.json").read_text())["rows"]
+    methods = {r["method"] for r in scored}
+    assert {"logistic regression (concatenated)", "CP fusion, defaults (mean-field)"} <= methods
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["log_loss"] > 0 for r in scored)
