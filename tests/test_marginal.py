@@ -2,13 +2,17 @@
 
 import warnings
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from torch.distributions import biject_to
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_regression
 from bayes_fusion.marginal import CPRegressionMarginal, supports_marginal
+from bayes_fusion.priors import half_normal_log_density, make_rank_prior
 
 
 def _setup(bias=True, append_one=True, rank_prior="half_cauchy", seed=0):
@@ -66,9 +70,17 @@ def test_marginal_likelihood_identity_against_the_model(bias, append_one, rank_p
     torch.testing.assert_close(lhs, rhs, rtol=1e-7, atol=1e-6)  # K can be ill-conditioned
 
 
-@pytest.mark.parametrize("centered", [None, [1.0, 0.0, 1.0], [0.3, 0.5, 1.0]])
-def test_potential_is_the_collapsed_log_joint_in_unconstrained_coordinates(centered):
-    model, inputs, y = _setup()
+@pytest.mark.parametrize(
+    "centered,rank_prior",
+    [
+        (None, "half_cauchy"),
+        ([1.0, 0.0, 1.0], "half_cauchy"),
+        ([0.3, 0.5, 1.0], "half_cauchy"),
+        (None, "log_uniform"),
+    ],
+)
+def test_potential_is_the_collapsed_log_joint_in_unconstrained_coordinates(centered, rank_prior):
+    model, inputs, y = _setup(rank_prior=rank_prior)
     marg = CPRegressionMarginal(model, inputs, y, centered=centered)
     values = _random_values(model, inputs)
     params = marg.to_unconstrained(values)
@@ -86,7 +98,27 @@ def test_potential_is_the_collapsed_log_joint_in_unconstrained_coordinates(cente
     log_joint = log_joint + values[marg.scale_site].log().sum() + values["noise"].log().sum()
     log_joint = log_joint + marg.log_marginal_likelihood(values)
     torch.testing.assert_close(-marg.potential(params), log_joint, rtol=1e-9, atol=1e-8)
-    torch.testing.assert_close(marg(params), marg.potential(params))  # traced == eager
+    torch.testing.assert_close(marg(params), marg.potential(params))
+
+
+@pytest.mark.parametrize("name", ["half_cauchy", "log_uniform"])
+def test_hand_written_prior_densities_match_torch_distributions(name):
+    prior = make_rank_prior(name, 0.7).double()
+    u = torch.linspace(-12.0, 6.0, 50, dtype=torch.float64).reshape(2, 25)
+    lam, got = prior.log_density_unconstrained(u)
+    with pyro.validation_enabled(False):  # log-uniform: out-of-bounds values are scored -inf
+        fn = prior.distribution(25)
+        transform = biject_to(fn.support)
+        want = fn.log_prob(lam) + transform.log_abs_det_jacobian(u, lam)
+    torch.testing.assert_close(lam, transform(u))
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))  # log-uniform: -inf outside its bounds
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-12, atol=1e-12)
+    scale = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    x, got = half_normal_log_density(scale, u[:, :2].T)
+    noise = dist.HalfNormal(scale).to_event(1)
+    want = noise.log_prob(x) + u[:, :2].T.sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_conditional_draws_have_the_conditional_moments():
