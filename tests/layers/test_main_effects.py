@@ -136,3 +136,14 @@ def test_collapsed_nuts_is_refused_with_main_effects():
     xs, y = [torch.randn(10, 3), torch.randn(10, 4)], torch.randn(10)
     with pytest.raises(ValueError, match="without main effects"):
         bf.fit(model, xs, y, guide="nuts", marginalize=True, num_samples=2, warmup_steps=2)
+
+
+def test_modality_contributions_count_the_main_effects():
+    torch.manual_seed(1)
+    xs = [torch.randn(60, d) for d in (3, 4)]
+    y = (2 * xs[0][:, 0] > xs[1][:, 1]).long()
+    model = bf.Classifier(bf.CPFusion((3, 4), 2, max_rank=2, main_effects=True))
+    result = bf.fit(model, xs, y, guide="meanfield", num_steps=100, progress=False)
+    contrib = bf.modality_contributions(result, xs, num_samples=20, modality_names=["a", "b"])
+    assert contrib.names == ["a", "b", "a x b"]
+    torch.testing.assert_close(contrib.shares.sum(-1), torch.ones(20), atol=1e-5, rtol=0)
