@@ -283,14 +283,18 @@ def run_chain(
 
 
 def run_chains(
-    potential, init, num_chains, num_samples, warmup_steps, seeds, kernel_kwargs, parallel, progress
+    potential, inits, num_samples, warmup_steps, seeds, kernel_kwargs, parallel, progress
 ):
-    """Run ``num_chains`` chains, in parallel processes (spawned, one thread share each) or
-    one after another. :returns: ``(samples name -> (C, S, ...), divergences per chain)``."""
+    """Run one chain per entry of ``inits`` (its start, unconstrained coordinates), in
+    parallel processes (spawned, one thread share each) or one after another.
+    :returns: ``(samples name -> (C, S, ...), divergences per chain)``."""
     validate = pyro.infer.util.is_validation_enabled()
-    jobs = [(potential, init, num_samples, warmup_steps, int(s), kernel_kwargs) for s in seeds]
+    jobs = [
+        (potential, init, num_samples, warmup_steps, int(s), kernel_kwargs)
+        for init, s in zip(inits, seeds, strict=True)
+    ]
     if parallel:
-        threads = max(1, torch.get_num_threads() // num_chains)
+        threads = max(1, torch.get_num_threads() // len(jobs))
         runs = _run_in_processes([(*job, threads, False, validate) for job in jobs], threads)
     else:
         runs = [run_chain(*job, None, progress, validate) for job in jobs]

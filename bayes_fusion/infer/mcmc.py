@@ -14,6 +14,7 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import init_to_value
 from pyro.infer.reparam import LocScaleReparam
 from torch import Tensor
+from torch.distributions import biject_to
 
 from ..guides import rank_layers
 from .result import FitResult
@@ -60,7 +61,7 @@ def run_generic_nuts(
         init_values = _decentred_start(model, args, init_steps, scaled, reparam)
     kernel = NUTS(
         nuts_model,
-        init_strategy=init_to_value(values=init_values),
+        init_strategy=init_near(init_values) if init_values else init_to_value(values={}),
         jit_compile=jit_compile,
         ignore_jit_warnings=True,
         max_tree_depth=max_tree_depth,
@@ -92,8 +93,34 @@ def run_generic_nuts(
         "num_chains": num_chains,
         "reparam": bool(reparam),
         "init": init,
+        "chain_starts": f"the MAP point jittered by Normal(0, {START_JITTER}^2) (unconstrained) "
+        "per chain"
+        if init_values
+        else "Pyro's default init per chain",
     }
     return FitResult(model, None, "nuts", args, mcmc_samples=_recentred(raw, scaled), info=info)
+
+
+#: std of the unconstrained jitter of each chain's start around the MAP point
+START_JITTER = 0.1
+
+
+def init_near(values: dict[str, Tensor], jitter: float = START_JITTER):
+    """A Pyro init strategy: every site at ``values`` moved by ``Normal(0, jitter^2)`` in its
+    unconstrained coordinates (sites not in ``values``: Pyro's default). Each chain (each
+    worker process, each sequential run) draws its own jitter, so chains start apart and r-hat
+    can see one that stays stuck.
+    """
+    fallback = init_to_value(values={})
+
+    def init(site=None):
+        if site is None or site["name"] not in values:
+            return fallback(site)
+        transform = biject_to(site["fn"].support)
+        u = transform.inv(values[site["name"]])
+        return transform(u + jitter * torch.randn_like(u))
+
+    return init
 
 
 def _decentred_start(model, args, init_steps: int, scaled: dict, reparam: bool) -> dict:

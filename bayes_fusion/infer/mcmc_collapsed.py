@@ -15,7 +15,34 @@ from ..rank import active_components
 from .mcmc import map_point, parallel_chains
 from .result import FitResult
 
-__all__ = ["run_collapsed_nuts"]
+__all__ = ["run_collapsed_nuts", "chain_starts", "START_JITTER"]
+
+#: std of the unconstrained jitter between chain starts when no Laplace metric is at hand
+START_JITTER = 0.1
+
+
+def chain_starts(start: dict, metric: dict | None, num_chains: int) -> list[dict]:
+    """One start per chain (unconstrained coordinates): chain 0 at ``start``, every other chain
+    at a draw of the Laplace approximation around it (covariance ``metric``, the
+    curvature-clipped inverse Hessian of :func:`laplace_inverse_mass_matrix`; without one,
+    ``Normal(0, START_JITTER^2)`` jitter). Chains that start apart let r-hat see a chain that
+    stays stuck; from one shared point it cannot.
+    """
+    names = sorted(start)
+    sizes = [start[n].numel() for n in names]
+    center = torch.cat([start[n].reshape(-1) for n in names])
+    chol = None
+    if metric is not None:
+        cov = next(iter(metric.values()))
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        chol = torch.linalg.cholesky(cov + 1e-9 * eye)
+    starts = [dict(start)]
+    for _ in range(1, num_chains):
+        noise = torch.randn_like(center)
+        point = center + (chol @ noise if chol is not None else START_JITTER * noise)
+        parts = torch.split(point, sizes)
+        starts.append({n: p.reshape(start[n].shape) for n, p in zip(names, parts, strict=True)})
+    return starts
 
 
 def run_collapsed_nuts(
@@ -60,10 +87,10 @@ def run_collapsed_nuts(
         if metric is not None:
             kernel_kwargs["initial_inverse_mass_matrix"] = metric
     seeds = torch.randint(0, 2**31 - 1, (num_chains,)).tolist()
+    starts = chain_starts(start, kernel_kwargs.get("initial_inverse_mass_matrix"), num_chains)
     raw, div_idx = run_chains(
         potential,
-        start,
-        num_chains,
+        starts,
         num_samples,
         warmup_steps,
         seeds,
@@ -90,5 +117,9 @@ def run_collapsed_nuts(
         "full_mass": kernel_kwargs["full_mass"],
         "centered_components": potential.centered.tolist(),
         "parallel": parallel,
+        "chain_starts": "chain 0 at the MAP point, the others at draws of the Laplace "
+        "approximation around it"
+        if "initial_inverse_mass_matrix" in kernel_kwargs
+        else f"chain 0 at the start point, the others jittered by Normal(0, {START_JITTER}^2)",
     }
     return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)

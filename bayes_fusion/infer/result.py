@@ -14,9 +14,10 @@ from torch import Tensor
 
 from .._checks import check_positive_int
 from .._version import __version__
-from ..guides import make_guide, rank_layers
+from ..guides import make_guide
 from ..models import Classifier
 from .data import model_latent_shapes, sample_guide, slice_rows
+from .diagnostics import invariant_draws, r_hat_and_ess
 from .persist import CHECKPOINT_FORMAT, read_state, save_state
 
 __all__ = ["FitResult", "load"]
@@ -169,32 +170,31 @@ class FitResult:
             with torch.no_grad(), self.param_scope():
                 yield pred(*args)
 
-    def diagnostics(self) -> dict[str, Any]:
-        """MCMC diagnostics: divergences per chain and r-hat / ESS of every site, with the
-        rank scales *sorted per draw* (label-switching invariant). Warns when r-hat > 1.01 or
-        when any transition diverged.
+    def diagnostics(self, *args) -> dict[str, Any]:
+        """MCMC diagnostics on label-switching-invariant quantities (see
+        :mod:`bayes_fusion.infer.diagnostics`): divergences per chain, and r-hat / ESS of
+        every rank layer's sorted scales (``"layer.rank_scale (sorted)"``), sorted relevances
+        (``"layer.relevance (sorted)"``) and effective rank (``"layer.effective_rank"``), of
+        every site outside the rank layers, and -- given model inputs -- of the posterior
+        predictive mean at those points (``"predictive mean"``; class probabilities for a
+        ``Classifier``). Raw factor sites are not diagnosed: chains may hold the same mode in
+        different component orders. Warns when an r-hat exceeds 1.01 or a transition diverged.
 
+        :param args: optional model inputs without targets, e.g. held-out ``(inputs,)``.
+        :returns: ``{"divergences": [per chain], "r_hat": {name: max}, "ess": {name: min}}``.
         :raises ValueError: for SVI results (no chains to diagnose).
         """
         if not self.is_mcmc:
             raise ValueError(
                 f"diagnostics: expected an MCMC (guide='nuts') result, got method={self.method!r}"
             )
-        from pyro.ops.stats import effective_sample_size, split_gelman_rubin
-
+        quantities = invariant_draws(self.model, self.mcmc_samples)
+        if args:
+            quantities["predictive mean"] = self._chain_predictive_means(args)
         r_hat, ess = {}, {}
-        sorted_names = {
-            layer.site_name(layer.SCALE_SITE) for layer in rank_layers(self.model).values()
-        }
-        for name, value in self.mcmc_samples.items():
-            v = value.double()
-            if name in sorted_names:
-                v = v.sort(dim=-1, descending=True).values
-                name = f"{name} (sorted)"
-            if v.shape[1] < 4:
-                continue
-            r_hat[name] = float(split_gelman_rubin(v).max())
-            ess[name] = float(effective_sample_size(v).min())
+        for name, value in quantities.items():
+            if value.shape[1] >= 4:
+                r_hat[name], ess[name] = r_hat_and_ess(value)
         divergences = self.info.get("divergences", [])
         out = {"divergences": divergences, "r_hat": r_hat, "ess": ess}
         bad = {k: v for k, v in r_hat.items() if not v <= 1.01}
@@ -207,6 +207,18 @@ class FitResult:
                 stacklevel=2,
             )
         return out
+
+    def _chain_predictive_means(self, args: tuple) -> Tensor:
+        """Predictive mean of every MCMC draw at ``args``: ``(chains, draws, N, P)``."""
+        chains, draws = next(iter(self.mcmc_samples.values())).shape[:2]
+        flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.mcmc_samples.items()}
+        classify = isinstance(self.model, Classifier)
+        means = []
+        for out in self.predictive_chunks(flat, args, ["_RETURN"]):
+            ret = out["_RETURN"]
+            means.append(ret.softmax(-1) if classify else ret)
+        mean = torch.cat(means)
+        return mean.reshape((chains, draws) + mean.shape[1:])
 
     # --- persistence ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

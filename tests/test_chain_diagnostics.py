@@ -1,0 +1,127 @@
+"""Chains start apart, and MCMC is diagnosed on quantities label switching cannot move."""
+
+import math
+import warnings
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+import bayes_fusion as bf
+from bayes_fusion.datasets import make_cp_classification, make_cp_regression
+from bayes_fusion.infer.diagnostics import invariant_draws, r_hat_and_ess
+from bayes_fusion.infer.mcmc import init_near
+from bayes_fusion.infer.mcmc_collapsed import START_JITTER, chain_starts
+
+
+def test_r_hat_and_ess_of_constant_and_stuck_quantities():
+    torch.manual_seed(0)
+    mixed = torch.randn(2, 200, 3)
+    r_hat, ess = r_hat_and_ess(mixed)
+    assert r_hat < 1.05 and ess > 100
+    # an effective rank that never changes is converged, not NaN
+    assert r_hat_and_ess(torch.full((2, 50), 2.0)) == (1.0, 100.0)
+    # two chains stuck at different values: r-hat infinite (flagged), not NaN
+    stuck = torch.cat([torch.full((1, 50), 2.0), torch.full((1, 50), 3.0)])
+    assert math.isinf(r_hat_and_ess(stuck)[0])
+
+
+def test_invariant_draws_do_not_see_a_relabelling():
+    model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3))
+    torch.manual_seed(0)
+    draws = {name: torch.randn(2, 10, *shape) for name, shape in
+             model.layer.site_shapes().items()}  # fmt: skip
+    samples = {f"layer.{k}": v for k, v in draws.items()}
+    samples["layer.rank_scale"] = samples["layer.rank_scale"].abs()
+    samples["noise"] = torch.rand(2, 10, 2)
+    perm = torch.tensor([2, 0, 1])
+    relabelled = {k: v[..., perm] if k != "noise" and k != "layer.bias" else v
+                  for k, v in samples.items()}  # fmt: skip
+    relabelled["layer.factor_0"] = -relabelled["layer.factor_0"]  # a sign flip in a pair
+    relabelled["layer.out_factor"] = -relabelled["layer.out_factor"]
+    a, b = invariant_draws(model, samples), invariant_draws(model, relabelled)
+    assert set(a) == {
+        "layer.rank_scale (sorted)",
+        "layer.relevance (sorted)",
+        "layer.effective_rank",
+        "noise",
+    }
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_collapsed_chain_starts_are_laplace_draws_around_the_map():
+    start = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.ones(2, 2, dtype=torch.float64)}
+    cov = torch.diag(torch.tensor([1.0, 4.0, 9.0, 1e-4, 1e-4, 1e-4, 1e-4], dtype=torch.float64))
+    torch.manual_seed(0)
+    starts = chain_starts(start, {("a", "b"): cov}, 400)
+    assert starts[0] is not start and all(torch.equal(starts[0][k], start[k]) for k in start)
+    a = torch.stack([s["a"] for s in starts[1:]])
+    want = torch.tensor([1.0, 2.0, 3.0], dtype=a.dtype)
+    torch.testing.assert_close(a.std(0), want, rtol=0.15, atol=0)
+    b = torch.stack([s["b"] for s in starts[1:]])
+    assert b.shape == (399, 2, 2) and (b - 1).abs().max() < 0.1
+    jittered = chain_starts(start, None, 400)
+    spread = torch.stack([s["a"] for s in jittered[1:]]).std()
+    assert abs(float(spread) - START_JITTER) < 0.02
+
+
+def test_generic_init_jitters_in_unconstrained_space():
+    torch.manual_seed(0)
+    init = init_near({"scale": torch.tensor([0.5, 2.0]), "loc": torch.tensor([1.0])}, 0.1)
+    site = {"name": "scale", "fn": dist.HalfCauchy(torch.ones(2)), "value": None}
+    draws = torch.stack([init(site) for _ in range(500)])
+    assert (draws > 0).all()
+    torch.testing.assert_close(draws.log().std(0), torch.full((2,), 0.1), rtol=0.15, atol=0)
+    loc = {"name": "loc", "fn": dist.Normal(torch.zeros(1), 1.0), "value": None}
+    assert not torch.equal(init(loc), init(loc))
+
+
+@pytest.mark.slow
+def test_collapsed_chains_start_apart_and_are_diagnosed_on_held_out_predictions():
+    data = make_cp_regression((3, 4), 2, rank=1, num_data=80, noise=0.2, seed=0)
+    train, test = data.split(60)
+    res = bf.fit(
+        bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3)),
+        train.inputs,
+        train.y,
+        guide="nuts",
+        num_samples=60,
+        warmup_steps=60,
+        num_chains=2,
+        chain_method="sequential",
+        init_steps=150,
+        progress=False,
+    )
+    assert "Laplace" in res.info["chain_starts"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # short chains
+        diag = res.diagnostics(test.inputs)
+    for key in ("layer.rank_scale (sorted)", "layer.relevance (sorted)",
+                "layer.effective_rank", "noise", "predictive mean"):  # fmt: skip
+        assert key in diag["r_hat"] and key in diag["ess"], key
+    assert not any(k.startswith("layer.factor") for k in diag["r_hat"])
+    assert diag["r_hat"]["predictive mean"] < 1.2
+
+
+def test_generic_nuts_classifier_reports_its_chain_starts():
+    data = make_cp_classification((3, 2), 2, rank=1, num_data=60, seed=0)
+    res = bf.fit(
+        bf.Classifier(bf.CPFusion((3, 2), 2, max_rank=2)),
+        data.inputs,
+        data.y,
+        guide="nuts",
+        num_samples=10,
+        warmup_steps=10,
+        num_chains=2,
+        chain_method="sequential",
+        init_steps=50,
+        progress=False,
+    )
+    assert "jittered" in res.info["chain_starts"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        diag = res.diagnostics(data.inputs)
+    assert "predictive mean" in diag["ess"]
+    chains = res.posterior_samples(group_by_chain=True)["layer.rank_scale"]
+    assert chains.shape == (2, 10, 2) and not torch.equal(chains[0], chains[1])
