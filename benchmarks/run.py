@@ -699,6 +699,15 @@ def bench_classification(quick, out):
     return (out / "classification.md").read_text()
 
 
+def bench_calibration(quick, out):
+    """Coverage of held-out predictive-mean intervals per guide (benchmarks/calibration.py: its
+    own table, ``calibration.md``); returns that table's markdown."""
+    import calibration
+
+    calibration.main((["--quick"] if quick else []) + ["--out", str(out)])
+    return (out / "calibration.md").read_text()
+
+
 def machine(device):
     info = {
         "device": str(device),
@@ -733,7 +742,7 @@ def main(argv=None):
         nargs="*",
         default=None,
         help="subset: cp_forward cp_memory xox svi numpyro scaling throughput nuts distributed "
-        "classification",
+        "classification calibration",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -757,6 +766,7 @@ def main(argv=None):
         "nuts": lambda: bench_nuts(rep, device, q),
         "distributed": lambda: bench_distributed(rep, device, q, out),
         "classification": lambda: extra.append(bench_classification(q, out)),
+        "calibration": lambda: extra.append(bench_calibration(q, out)),
     }
     for name, run in sections.items():
         if args.only is None or name in args.only:

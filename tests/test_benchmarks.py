@@ -37,3 +37,8 @@ def test_benchmarks_quick_writes_table(tmp_path):
     methods = {r["method"] for r in scored}
     assert {"logistic regression (concatenated)", "CP fusion, defaults (mean-field)"} <= methods
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["log_loss"] > 0 for r in scored)
+    # the calibration section: interval coverage for every guide and NUTS
+    assert "## Calibration" in table
+    summary = json.loads((tmp_path / "calibration.json").read_text())["summary"]
+    assert {s["guide"] for s in summary} == {"map", "meanfield", "lowrank", "full", "nuts"}
+    assert all(0.0 <= s["coverage_0.9"] <= 1.0 for s in summary)

@@ -1,0 +1,141 @@
+"""Calibration of posterior intervals: how often the 50% and 90% intervals of the predictive
+mean at held-out points hold the true mean, for NUTS and every SVI guide.
+
+    python benchmarks/calibration.py [--quick] [--replications K] --out DIR
+
+Simulated data with a known answer (:func:`bayes_fusion.datasets.make_cp_regression`: CP
+fusion (4, 5, 3) -> 2 of rank 2, noise 0.1, 300 training and 200 held-out rows, a new data set
+per replication); the model is ``Regressor(CPFusion(..., max_rank=4))``. The true predictive
+mean of a held-out row is the noise-free fusion output. A calibrated posterior covers it at the
+nominal rate on average over replications (within one data set the held-out points share the
+posterior's errors, so single-replication coverage scatters more than binomially). Writes
+``DIR/calibration.md`` and ``DIR/calibration.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import bayes_fusion as bf
+from bayes_fusion.datasets import make_cp_regression
+from bayes_fusion.ops import cp_fusion
+
+SIZES, OUT, RANK, MAX_RANK = (4, 5, 3), 2, 2, 4
+LEVELS = (0.5, 0.9)
+GUIDES = ("map", "meanfield", "lowrank", "full", "nuts")
+
+
+def coverage(draws: torch.Tensor, truth: torch.Tensor, level: float) -> float:
+    """Fraction of entries of ``truth`` ``(N, P)`` inside the central ``level`` interval of
+    ``draws`` ``(S, N, P)``."""
+    probs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=draws.dtype)
+    lo, hi = torch.quantile(draws, probs, dim=0)
+    return float(((lo <= truth) & (truth <= hi)).double().mean())
+
+
+def replication(seed: int, guides, quick: bool) -> list[dict]:
+    """Fit every guide to one simulated data set; coverage of each at each level."""
+    data = make_cp_regression(SIZES, OUT, rank=RANK, num_data=500, noise=0.1, seed=seed)
+    train, test = data.split(300)
+    factors = [data.truth[f"factor_{m}"] for m in range(len(SIZES))]
+    truth = cp_fusion(test.inputs, factors, data.truth["out_factor"])
+    rows = []
+    for guide in guides:
+        if guide == "nuts":
+            draws = 60 if quick else 500
+            options = {"num_samples": draws, "warmup_steps": draws, "num_chains": 2}
+        else:
+            options = {"num_steps": 300 if quick else 3000}
+        model = bf.Regressor(bf.CPFusion(SIZES, OUT, max_rank=MAX_RANK))
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # short quick runs warn
+            result = bf.fit(model, train.inputs, train.y, guide=guide, progress=False, seed=seed,
+                            **options)  # fmt: skip
+        seconds = time.perf_counter() - start
+        pred = result.predict(test.inputs, num_samples=1000, return_samples=True, seed=seed)
+        row = {"seed": seed, "guide": guide, "seconds": seconds}
+        row.update({f"coverage_{level}": coverage(pred["samples"], truth, level)
+                    for level in LEVELS})  # fmt: skip
+        rows.append(row)
+        print(f"[calibration] seed {seed} {guide}: {row}", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per guide: mean, min and max coverage over replications, mean fit seconds."""
+    out = []
+    for guide in dict.fromkeys(r["guide"] for r in rows):
+        mine = [r for r in rows if r["guide"] == guide]
+        entry = {"guide": guide, "replications": len(mine)}
+        for level in LEVELS:
+            values = [r[f"coverage_{level}"] for r in mine]
+            entry[f"coverage_{level}"] = sum(values) / len(values)
+            entry[f"range_{level}"] = (min(values), max(values))
+        entry["seconds"] = sum(r["seconds"] for r in mine) / len(mine)
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict], meta: dict) -> str:
+    lines = [
+        "## Calibration (coverage of held-out predictive-mean intervals)",
+        "",
+        " | ".join(f"{k}: {v}" for k, v in meta.items()),
+        "",
+        "| guide | replications | 50% interval coverage (min-max) | 90% interval coverage "
+        "(min-max) | fit (s) | 90% within 85-95% |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        cells = [
+            f"{s[f'coverage_{lv}']:.3f} ({s[f'range_{lv}'][0]:.3f}-{s[f'range_{lv}'][1]:.3f})"
+            for lv in LEVELS
+        ]
+        met = "yes" if 0.85 <= s["coverage_0.9"] <= 0.95 else "no"
+        lines.append(
+            f"| {s['guide']} | {s['replications']} | {cells[0]} | {cells[1]} | "
+            f"{s['seconds']:.1f} | {met} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one replication, short runs")
+    parser.add_argument("--replications", type=int, default=None, help="data sets (default 4)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    replications = args.replications or (1 if args.quick else 4)
+    start = time.perf_counter()
+    rows = [r for seed in range(replications) for r in replication(seed, GUIDES, args.quick)]
+    summary = summarize(rows)
+    meta = {
+        "threads": args.threads,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (out / "calibration.md").write_text(markdown(summary, meta))
+    payload = {"machine": meta, "rows": rows, "summary": summary}
+    (out / "calibration.json").write_text(json.dumps(payload, indent=1))
+    print(f"wrote {out / 'calibration.md'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
