@@ -30,7 +30,6 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import MCMC, NUTS
 from torch import Tensor
-from torch.distributions import biject_to
 
 from .layers.cp import CPFusion
 from .models import Regressor
@@ -84,13 +83,10 @@ class CPRegressionMarginal:
         self.rank = layer.max_rank
         self.eps = layer.scale_floor.detach().clone()
         self.bias_scale = layer.bias_scale.detach().clone() if layer.use_bias else None
+        # the scales and the noise are sampled as their logs (the potential's densities
+        # include the exp Jacobian: see log_density_unconstrained)
         self.rank_prior = layer.rank_prior
-        self.scale_prior = layer.rank_prior.distribution(self.rank)
         self.noise_scale = model.noise_prior_scale.to(y.dtype).expand(y.shape[-1]).clone()
-        self.noise_prior = dist.HalfNormal(self.noise_scale).to_event(1)
-        # unconstrained <-> constrained maps of the scales and the noise
-        self.scale_transform = biject_to(self.scale_prior.support)
-        self.noise_transform = biject_to(self.noise_prior.support)
         self.scale_site = layer.site_name(layer.SCALE_SITE)
         self.factor_sites = [layer.site_name(f"factor_{m}") for m in range(len(inputs))]
         self.out_site = layer.site_name("out_factor")
@@ -110,8 +106,8 @@ class CPRegressionMarginal:
         """Site values (one point) -> unconstrained NUTS coordinates."""
         lam = values[self.scale_site]
         out = {
-            self.scale_site: self.scale_transform.inv(lam),
-            self.noise_site: self.noise_transform.inv(values[self.noise_site]),
+            self.scale_site: lam.log(),
+            self.noise_site: values[self.noise_site].log(),
         }
         for site in self.factor_sites:
             out[f"{site}_decentered"] = values[site] / (lam + self.eps) ** (1 - self.centered)
@@ -119,11 +115,8 @@ class CPRegressionMarginal:
 
     def constrain(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Unconstrained coordinates (any leading draw dims) -> site values."""
-        lam = self.scale_transform(params[self.scale_site])
-        values = {
-            self.scale_site: lam,
-            self.noise_site: self.noise_transform(params[self.noise_site]),
-        }
+        lam = params[self.scale_site].exp()
+        values = {self.scale_site: lam, self.noise_site: params[self.noise_site].exp()}
         s = ((lam + self.eps) ** (1 - self.centered)).unsqueeze(-2)
         for site in self.factor_sites:
             values[site] = params[f"{site}_decentered"] * s
@@ -334,30 +327,35 @@ def _run_in_processes(jobs: list[tuple], threads: int) -> list:
     return runs
 
 
+def flatten_params(params: dict[str, Tensor]):
+    """``params`` as one vector in sorted-name order (the order of Pyro's dense mass matrix and
+    of :func:`laplace_inverse_mass_matrix`'s metric) and the function mapping such a vector
+    back to the dict."""
+    names = sorted(params)
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+
+    def unflatten(flat: Tensor) -> dict[str, Tensor]:
+        parts = torch.split(flat, sizes)
+        return {n: p.reshape(sh) for n, p, sh in zip(names, parts, shapes, strict=True)}
+
+    return torch.cat([params[n].reshape(-1) for n in names]), unflatten
+
+
 def laplace_inverse_mass_matrix(potential, params: dict[str, Tensor], min_curvature=1.0):
     """Inverse Hessian of ``potential`` at ``params`` (flattened in sorted-name order, as
     Pyro's dense mass matrix), with curvatures clipped below at ``min_curvature`` so flat or
     non-convex directions get unit scale. Starts NUTS's warm-up with a metric that already
     fits the posterior's scales and correlations, instead of the identity.
     """
-    names = sorted(params)
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def flat_potential(flat):
-        parts = torch.split(flat, sizes)
-        return potential.potential(
-            {n: p.reshape(sh) for n, p, sh in zip(names, parts, shapes, strict=True)}
-        )
-
-    hess = torch.autograd.functional.hessian(flat_potential, flat0)
+    flat0, unflatten = flatten_params({k: v.detach() for k, v in params.items()})
+    hess = torch.autograd.functional.hessian(lambda f: potential.potential(unflatten(f)), flat0)
     hess = 0.5 * (hess + hess.T)
     evals, evecs = torch.linalg.eigh(hess)
     if not bool(torch.isfinite(evals).all()):
         return None
     inv = (evecs / evals.clamp(min=min_curvature)) @ evecs.T
-    return {tuple(names): 0.5 * (inv + inv.T)}
+    return {tuple(sorted(params)): 0.5 * (inv + inv.T)}
 
 
 def _nuts_with_initial_metric(metric):

@@ -10,8 +10,8 @@ import torch
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_classification, make_cp_regression
 from bayes_fusion.infer.diagnostics import invariant_draws, r_hat_and_ess
-from bayes_fusion.infer.mcmc import init_near
-from bayes_fusion.infer.mcmc_collapsed import START_JITTER, chain_starts
+from bayes_fusion.infer.mcmc import START_JITTER, init_near
+from bayes_fusion.infer.mcmc_collapsed import chain_starts
 
 
 def test_r_hat_and_ess_of_constant_and_stuck_quantities():

@@ -61,7 +61,7 @@ def run_generic_nuts(
         init_values = _decentred_start(model, args, init_steps, scaled, reparam)
     kernel = NUTS(
         nuts_model,
-        init_strategy=init_near(init_values) if init_values else init_to_value(values={}),
+        init_strategy=init_near(init_values),
         jit_compile=jit_compile,
         ignore_jit_warnings=True,
         max_tree_depth=max_tree_depth,

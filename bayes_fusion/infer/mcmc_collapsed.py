@@ -10,15 +10,17 @@ import time
 
 import torch
 
-from ..marginal import CPRegressionMarginal, laplace_inverse_mass_matrix, run_chains
+from ..marginal import (
+    CPRegressionMarginal,
+    flatten_params,
+    laplace_inverse_mass_matrix,
+    run_chains,
+)
 from ..rank import active_components
-from .mcmc import map_point, parallel_chains
+from .mcmc import START_JITTER, map_point, parallel_chains
 from .result import FitResult
 
-__all__ = ["run_collapsed_nuts", "chain_starts", "START_JITTER"]
-
-#: std of the unconstrained jitter between chain starts when no Laplace metric is at hand
-START_JITTER = 0.1
+__all__ = ["run_collapsed_nuts", "chain_starts"]
 
 
 def chain_starts(start: dict, metric: dict | None, num_chains: int) -> list[dict]:
@@ -28,9 +30,7 @@ def chain_starts(start: dict, metric: dict | None, num_chains: int) -> list[dict
     ``Normal(0, START_JITTER^2)`` jitter). Chains that start apart let r-hat see a chain that
     stays stuck; from one shared point it cannot.
     """
-    names = sorted(start)
-    sizes = [start[n].numel() for n in names]
-    center = torch.cat([start[n].reshape(-1) for n in names])
+    center, unflatten = flatten_params(start)
     chol = None
     if metric is not None:
         cov = next(iter(metric.values()))
@@ -40,8 +40,7 @@ def chain_starts(start: dict, metric: dict | None, num_chains: int) -> list[dict
     for _ in range(1, num_chains):
         noise = torch.randn_like(center)
         point = center + (chol @ noise if chol is not None else START_JITTER * noise)
-        parts = torch.split(point, sizes)
-        starts.append({n: p.reshape(start[n].shape) for n, p in zip(names, parts, strict=True)})
+        starts.append(unflatten(point))
     return starts
 
 
