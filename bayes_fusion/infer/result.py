@@ -129,18 +129,12 @@ class FitResult:
         chunk_size = check_positive_int("chunk_size", chunk_size)
         if seed is not None:
             pyro.set_rng_seed(seed)
-        draws = self.posterior_samples(num_samples)
         classify = isinstance(self.model, Classifier)
-        means, obs = [], []
-        for out in self.predictive_chunks(draws, args, ["_RETURN", "obs"], chunk_size):
-            ret = out["_RETURN"]
-            means.append(ret.softmax(-1) if classify else ret)
-            if not classify and "obs" in out:
-                obs.append(out["obs"].reshape(ret.shape))
-        mean_draws = torch.cat(means)
+        draws = self.posterior_samples(num_samples)
+        mean_draws, obs = self._predictive_draws(draws, args, chunk_size, observations=True)
         # classification: the interval is over the class probabilities themselves (how sure
         # the posterior is of p(y = c | x)); regression: over new observations
-        samples = mean_draws if classify else (torch.cat(obs) if obs else mean_draws)
+        samples = mean_draws if classify or obs is None else obs
         lo, hi = (1 - interval) / 2, (1 + interval) / 2
         q = torch.quantile(samples, torch.tensor([lo, hi], dtype=samples.dtype), dim=0)
         result = {"mean": mean_draws.mean(0), "std": samples.std(0), "lower": q[0], "upper": q[1]}
@@ -208,16 +202,27 @@ class FitResult:
             )
         return out
 
+    def _predictive_draws(
+        self, draws: dict[str, Tensor], args: tuple, chunk_size: int = 100, observations=False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per draw, the predictive mean at ``args`` (class probabilities for a Classifier)
+        ``(S, N, P)`` and, with ``observations`` (regression), a new observation ``(S, N, P)``
+        (``None`` otherwise)."""
+        classify = isinstance(self.model, Classifier)
+        sites = ["_RETURN", "obs"] if observations and not classify else ["_RETURN"]
+        means, obs = [], []
+        for out in self.predictive_chunks(draws, args, sites, chunk_size):
+            ret = out["_RETURN"]
+            means.append(ret.softmax(-1) if classify else ret)
+            if "obs" in out:
+                obs.append(out["obs"].reshape(ret.shape))
+        return torch.cat(means), (torch.cat(obs) if obs else None)
+
     def _chain_predictive_means(self, args: tuple) -> Tensor:
         """Predictive mean of every MCMC draw at ``args``: ``(chains, draws, N, P)``."""
         chains, draws = next(iter(self.mcmc_samples.values())).shape[:2]
         flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.mcmc_samples.items()}
-        classify = isinstance(self.model, Classifier)
-        means = []
-        for out in self.predictive_chunks(flat, args, ["_RETURN"]):
-            ret = out["_RETURN"]
-            means.append(ret.softmax(-1) if classify else ret)
-        mean = torch.cat(means)
+        mean = self._predictive_draws(flat, args)[0]
         return mean.reshape((chains, draws) + mean.shape[1:])
 
     # --- persistence ---------------------------------------------------------------------
