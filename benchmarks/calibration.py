@@ -14,13 +14,10 @@ posterior's errors, so single-replication coverage scatters more than binomially
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 import warnings
-from pathlib import Path
 
+import scored_section
 import torch
 
 import bayes_fusion as bf
@@ -108,32 +105,18 @@ def markdown(summary: list[dict], meta: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    def replications_option(parser):
+        parser.add_argument("--replications", type=int, default=None, help="data sets (default 4)")
+
+    args = scored_section.parse_args(
+        __doc__, argv, "one replication, short runs", replications_option
     )
-    parser.add_argument("--quick", action="store_true", help="one replication, short runs")
-    parser.add_argument("--replications", type=int, default=None, help="data sets (default 4)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     replications = args.replications or (1 if args.quick else 4)
     start = time.perf_counter()
     rows = [r for seed in range(replications) for r in replication(seed, GUIDES, args.quick)]
     summary = summarize(rows)
-    meta = {
-        "threads": args.threads,
-        "quick": args.quick,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    (out / "calibration.md").write_text(markdown(summary, meta))
-    payload = {"machine": meta, "rows": rows, "summary": summary}
-    (out / "calibration.json").write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out / 'calibration.md'}")
+    payload = {"rows": rows, "summary": summary}
+    scored_section.write(args, "calibration", start, lambda meta: markdown(summary, meta), payload)
     return summary
 
 

@@ -14,15 +14,12 @@ points and log-loss no worse, with a fit under 60 s.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
+import scored_section
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
@@ -167,9 +164,8 @@ def evaluate(views, y, classes, fitter, splits, true_probs=None):
     return row
 
 
-def run(quick: bool = False, threads: int = 2):
+def run(quick: bool = False):
     """Every method on every data set: a list of row dicts."""
-    torch.set_num_threads(threads)
     rows = []
     for data_name, (views, y, classes, true_probs) in datasets(quick).items():
         splits = splits_for(data_name, y)
@@ -239,29 +235,14 @@ def markdown(rows, verdicts, meta) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="small data, few steps (smoke)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = scored_section.parse_args(__doc__, argv, "small data, few steps (smoke)")
     start = time.perf_counter()
-    rows = run(args.quick, args.threads)
+    rows = run(args.quick)
     verdicts = check_targets(rows)
-    meta = {
-        "threads": args.threads,
-        "quick": args.quick,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    (out / "classification.md").write_text(markdown(rows, verdicts, meta))
-    payload = {"machine": meta, "rows": rows, "targets": verdicts}
-    (out / "classification.json").write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out / 'classification.md'}")
+    payload = {"rows": rows, "targets": verdicts}
+    scored_section.write(
+        args, "classification", start, lambda meta: markdown(rows, verdicts, meta), payload
+    )
     return rows, verdicts
 
 

@@ -690,22 +690,13 @@ def bench_distributed(rep, device, quick, out):
             )
 
 
-def bench_classification(quick, out):
-    """Held-out accuracy / log-loss on the bundled multi-view data (benchmarks/classification.py:
-    its own table, ``classification.md``); returns that table's markdown."""
-    import classification
+def bench_scored(name, quick, out):
+    """A section that scores predictions instead of timing them (``benchmarks/<name>.py``:
+    ``classification`` or ``calibration``) writes its own table, ``<name>.md``; returns it."""
+    import importlib
 
-    classification.main((["--quick"] if quick else []) + ["--out", str(out)])
-    return (out / "classification.md").read_text()
-
-
-def bench_calibration(quick, out):
-    """Coverage of held-out predictive-mean intervals per guide (benchmarks/calibration.py: its
-    own table, ``calibration.md``); returns that table's markdown."""
-    import calibration
-
-    calibration.main((["--quick"] if quick else []) + ["--out", str(out)])
-    return (out / "calibration.md").read_text()
+    importlib.import_module(name).main((["--quick"] if quick else []) + ["--out", str(out)])
+    return (out / f"{name}.md").read_text()
 
 
 def machine(device):
@@ -765,8 +756,8 @@ def main(argv=None):
         "throughput": lambda: bench_throughput(rep, device, q),
         "nuts": lambda: bench_nuts(rep, device, q),
         "distributed": lambda: bench_distributed(rep, device, q, out),
-        "classification": lambda: extra.append(bench_classification(q, out)),
-        "calibration": lambda: extra.append(bench_calibration(q, out)),
+        "classification": lambda: extra.append(bench_scored("classification", q, out)),
+        "calibration": lambda: extra.append(bench_scored("calibration", q, out)),
     }
     for name, run in sections.items():
         if args.only is None or name in args.only:
