@@ -78,7 +78,9 @@ def main(argv=None):
         return bf.Classifier(layer)
 
     model = fusion()
-    result = bf.fit(model, x_tr, y[train], num_steps=steps, seed=args.seed, progress=False)
+    result = bf.fit(
+        model, x_tr, y[train], guide="meanfield", num_steps=steps, seed=args.seed, progress=False
+    )
     pred = result.predict(x_te, num_samples=100)
     acc_bayes = accuracy(pred["probs"], y[test])
     width = float((pred["upper"] - pred["lower"]).gather(1, pred["probs"].argmax(1, True)).mean())

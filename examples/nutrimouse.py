@@ -43,7 +43,9 @@ def main(argv=None):
 
     posteriors, rows = {}, []
     for method in ("meanfield", "nuts"):
-        model = bf.Classifier(bf.CPFusion((6, 4), classes, max_rank=args.max_rank))
+        model = bf.Classifier(
+            bf.CPFusion((6, 4), classes, max_rank=args.max_rank, main_effects=False)
+        )
         t0 = time.perf_counter()
         if method == "nuts":
             res = bf.fit(

@@ -35,7 +35,8 @@ def test_benchmarks_quick_writes_table(tmp_path):
     assert "## Classification" in table
     scored = json.loads((tmp_path / "classification.json").read_text())["rows"]
     methods = {r["method"] for r in scored}
-    assert {"logistic regression (concatenated)", "CP fusion, defaults (mean-field)"} <= methods
+    defaults = "CP fusion, defaults (main effects, MAP)"
+    assert {"logistic regression (concatenated)", defaults} <= methods
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["log_loss"] > 0 for r in scored)
     # the calibration section: interval coverage for every guide and NUTS
     assert "## Calibration" in table

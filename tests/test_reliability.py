@@ -151,11 +151,11 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, small):
 
 def test_lambda_collapse_under_map_is_reported():
     # nutrimouse raw views: 40 rows, ~1200 parameters; MAP without the warm-up switches every
-    # component off, and fit says so
+    # component off, and fit says so (the pure CP model: with main effects, rank 0 is an answer)
     from bayes_fusion.datasets import load_nutrimouse
 
     data = load_nutrimouse()
-    model = bf.Classifier(bf.CPFusion((120, 21), 5, max_rank=6))
+    model = bf.Classifier(bf.CPFusion((120, 21), 5, max_rank=6, main_effects=False))
     with pytest.warns(RuntimeWarning, match=r"collapsed \(effective rank 0\).*raise eta"):
         bf.fit(model, data.views, data.targets["diet"], guide="map", kl_warmup=0.0, progress=False)
 

@@ -12,7 +12,7 @@
 """
 
 from .data import model_latent_shapes, sample_guide, slice_rows
-from .dispatch import fit
+from .dispatch import auto_guide, fit
 from .faults import NonFiniteLossError
 from .mcmc import MAP_RESTARTS
 from .nuts import fit_nuts
@@ -24,6 +24,7 @@ __all__ = [
     "MAP_RESTARTS",
     "FitResult",
     "NonFiniteLossError",
+    "auto_guide",
     "fit",
     "fit_nuts",
     "fit_svi",

@@ -10,11 +10,12 @@ from pyro.infer.autoguide import AutoGuide
 
 from .._checks import check_choice
 from ..guides import GUIDES
+from ..models import Classifier
 from .nuts import fit_nuts
 from .result import FitResult
 from .svi import fit_svi
 
-__all__ = ["fit"]
+__all__ = ["fit", "auto_guide"]
 
 
 def _options(method) -> list[str]:
@@ -23,7 +24,22 @@ def _options(method) -> list[str]:
     return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
-def fit(model, *args, guide: str | AutoGuide | type = "meanfield", **options) -> FitResult:
+def auto_guide(model) -> str:
+    """The guide ``fit(..., guide="auto")`` picks for ``model``.
+
+    ``"map"`` for a :class:`~bayes_fusion.Classifier` whose layer has main effects: its point
+    predictions match L2 logistic regression on the bundled data sets, while averaging over a
+    factorized posterior costs log-loss there (``benchmarks/classification.py``); choose
+    ``"meanfield"`` or ``"nuts"`` for intervals. ``"meanfield"`` for everything else (without
+    main effects a MAP fit can switch every component off).
+    """
+    layer = getattr(model, "layer", None)
+    if isinstance(model, Classifier) and getattr(layer, "main_effects", False):
+        return "map"
+    return "meanfield"
+
+
+def fit(model, *args, guide: str | AutoGuide | type = "auto", **options) -> FitResult:
     """Fit ``model`` to data by SVI or NUTS.
 
     ``guide="nuts"`` runs :func:`~bayes_fusion.fit_nuts` (options ``num_samples``,
@@ -35,8 +51,10 @@ def fit(model, *args, guide: str | AutoGuide | type = "meanfield", **options) ->
 
     :param model: a Pyro model, e.g. ``Regressor(CPFusion(...))`` or any user PyroModule.
     :param args: model arguments, e.g. ``(inputs, y)``; tensors' first dim is the data rows.
-    :param guide: ``"map"``, ``"meanfield"``, ``"lowrank"``, ``"full"``, ``"nuts"``, an
-        autoguide class (built with the preset initialisation) or a guide instance.
+    :param guide: ``"auto"`` (default: see :func:`~bayes_fusion.infer.auto_guide` -- ``"map"`` for a
+        :class:`~bayes_fusion.Classifier` with main effects, ``"meanfield"`` otherwise),
+        ``"map"``, ``"meanfield"``, ``"lowrank"``, ``"full"``, ``"nuts"``, an autoguide class
+        (built with the preset initialisation) or a guide instance.
     :param options: keyword options of the chosen method.
     :returns: :class:`~bayes_fusion.FitResult`.
     :raises TypeError: an option the chosen method does not take (the message lists the ones
@@ -54,7 +72,8 @@ def fit(model, *args, guide: str | AutoGuide | type = "meanfield", **options) ->
         ('map', 100)
     """
     if isinstance(guide, str):
-        check_choice("guide", guide, GUIDES + ("nuts",))
+        check_choice("guide", guide, GUIDES + ("nuts", "auto"))
+        guide = auto_guide(model) if guide == "auto" else guide
     nuts = isinstance(guide, str) and guide == "nuts"
     if nuts and "distributed" in options and options.pop("distributed") is not False:
         raise ValueError("distributed: NUTS runs on one process; use num_chains for parallelism")

@@ -99,8 +99,9 @@ class CPFusion(RankLayer):
     effect of one modality needs a whole component (the constant rows of the other modalities'
     factors), and the rank prior shrinks it as much as a full M-way interaction; small data
     sets then lose to a plain linear model. With the term, the components only have to carry
-    what the linear model misses, and a collapsed rank means "linear is enough". Recommended for
-    classification (see ``docs/howto.rst``).
+    what the linear model misses, and a collapsed rank means "linear is enough". A
+    :class:`~bayes_fusion.Classifier` switches them on unless ``main_effects=False`` was given
+    (see ``docs/howto.rst``).
 
     **Missing modality.** An entry ``None`` is replaced by the modality's mean input. With
     ``append_one`` that is ``[0, ..., 0, 1]``, i.e. ``x~_m U_m`` becomes the constant row of
@@ -117,8 +118,11 @@ class CPFusion(RankLayer):
         representable).
     :param bias: whether to add a bias site.
     :param scale_floor: ``eps`` above, ``> 0``.
-    :param bias_scale: prior std of the bias.
-    :param main_effects: add the linear main-effects site ``main_effects``.
+    :param bias_scale: prior std of the bias (default 10: weakly informative, like the
+        unpenalized intercept of a logistic regression; the bias is learned from the data).
+    :param main_effects: add the linear main-effects site ``main_effects``. ``None`` (default):
+        on when the layer is wrapped by :class:`~bayes_fusion.Classifier`, off otherwise (a bare
+        layer, a :class:`~bayes_fusion.Regressor`, a user model).
     :param main_effects_scale: prior std of every main-effect weight (``> 0``; ``1`` is the
         Gaussian prior behind an L2-penalized logistic regression with ``C = 1``).
 
@@ -140,8 +144,8 @@ class CPFusion(RankLayer):
         append_one: bool = True,
         bias: bool = True,
         scale_floor: float = 1e-3,
-        bias_scale: float = 1.0,
-        main_effects: bool = False,
+        bias_scale: float = 10.0,
+        main_effects: bool | None = None,
         main_effects_scale: float = 1.0,
     ) -> None:
         if isinstance(in_features, int) or not isinstance(in_features, (list, tuple)):
@@ -159,6 +163,8 @@ class CPFusion(RankLayer):
         self.max_rank = max_rank
         self.append_one = bool(append_one)
         self.use_bias = bool(bias)
+        #: ``main_effects=None`` leaves the choice to the model that wraps the layer
+        self.main_effects_auto = main_effects is None
         self.main_effects = bool(main_effects)
         self.register_buffer(
             "main_effects_scale",

@@ -48,7 +48,7 @@ class XOXLinear(RankLayer):
     :param bias: whether to add a bias site.
     :param order: ``"auto"``, ``"factored"`` or ``"dense"``.
     :param scale_floor: ``eps`` above.
-    :param bias_scale: prior std of the bias.
+    :param bias_scale: prior std of the bias (default 10: weakly informative).
 
     Example::
 
@@ -68,7 +68,7 @@ class XOXLinear(RankLayer):
         bias: bool = True,
         order: str = "auto",
         scale_floor: float = 1e-3,
-        bias_scale: float = 1.0,
+        bias_scale: float = 10.0,
     ) -> None:
         in_features = check_positive_int("in_features", in_features)
         out_features = check_positive_int("out_features", out_features)
