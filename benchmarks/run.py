@@ -423,8 +423,21 @@ def bench_numpyro(rep, device, quick):
             seconds = base["ms_per_step"] / 1e3
             note = f"XLA-compiled lax.scan; compile {base['compile_s']:.1f} s"
             rep.add(g, f"NumPyro {guide} ({label})", seconds, 0.0, note=note)
-            for jit, how in ((False, "eager"), (True, "compiled")):
+            for jit, how in ((False, "eager"), (True, "compiled"), ("fused", "fused")):
                 if jit and quick:
+                    continue
+                if jit == "fused":
+                    ms, compile_s = _fused_step_time(device, data, guide, threads)
+                    rep.add(
+                        g,
+                        f"fit step {guide} fused ({label}) vs NumPyro",
+                        ms / 1e3,
+                        0.0,
+                        baseline=seconds,
+                        target="<=1.0x",
+                        note=f"{bf.infer.fused.FUSED_STEPS} steps per compiled call; compile "
+                        f"{compile_s:.1f} s, not in the step",
+                    )
                     continue
                 info = {}
                 t = _svi_fit_time(
@@ -441,6 +454,29 @@ def bench_numpyro(rep, device, quick):
                     target="<=1.0x",
                     note=note,
                 )
+
+
+def _fused_step_time(device, data, guide, threads, steps=(600, 2400)):
+    """``fit(..., jit="fused")`` per-step milliseconds on :data:`SVI_PROBLEM`: the difference
+    of two fits' step time (compile left out) over their difference in steps, so the fixed
+    costs (the first, validated step) cancel. Returns ``(ms per step, compile seconds of the
+    first fit)``."""
+    sizes, out, rank, _ = SVI_PROBLEM
+    spent, compile_s = [], None
+    for n in steps:
+        torch.manual_seed(0)
+        model = bf.Regressor(bf.CPFusion(sizes, out, rank)).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = bf.fit(
+                model, *data, guide=guide, num_steps=n, jit="fused", num_threads=threads,
+                progress=False,
+            )  # fmt: skip
+        if "fused_steps" not in res.info:
+            raise RuntimeError("fit(jit='fused') ran step by step")
+        compile_s = res.info["compile_seconds"] if compile_s is None else compile_s
+        spent.append(res.info["seconds"] - res.info["compile_seconds"])
+    return (spent[1] - spent[0]) / (steps[1] - steps[0]) * 1e3, compile_s
 
 
 def _rss_mb(key):

@@ -1,0 +1,76 @@
+"""fit(..., jit="fused"): several whole SVI steps per compiled call, with the step-by-step
+loop's semantics (same losses, the optimizer state written back, NaN/inf stops at its step)."""
+
+import warnings
+
+import pyro
+import pytest
+import torch
+
+import bayes_fusion as bf
+from bayes_fusion.infer.fused import FUSED_STEPS
+
+pytestmark = pytest.mark.slow  # each fused fit compiles (seconds; tens of seconds cold)
+
+
+def _problem(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(60, d, generator=gen, dtype=dtype) for d in (3, 4)]
+    y = (xs[0][:, :2] * xs[1][:, 1:3]).sum(-1, keepdim=True) + 0.1 * torch.randn(
+        60, 1, generator=gen, dtype=dtype
+    )
+    return xs, y
+
+
+def _fit(guide, jit, num_steps=45, **kw):
+    xs, y = _problem()
+    model = bf.Regressor(bf.CPFusion((3, 4), 1, max_rank=3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # collapse warnings: not the point
+        return bf.fit(model, xs, y, guide=guide, num_steps=num_steps, jit=jit, progress=False, **kw)
+
+
+@pytest.mark.parametrize("guide", ["map", "meanfield"])
+def test_fused_steps_follow_the_step_by_step_loop(guide):
+    # 45 steps = the validated first step + 5 full chunks + a partial chunk of 4
+    eager, fused = _fit(guide, False), _fit(guide, "fused")
+    assert len(fused.losses) == len(eager.losses) == 45
+    assert fused.info["fused_steps"] == FUSED_STEPS and fused.info["compile_seconds"] > 0
+    # the same draws (fallback_random) and the same update: the same losses, float64
+    torch.testing.assert_close(
+        torch.tensor(fused.losses), torch.tensor(eager.losses), rtol=1e-6, atol=1e-6
+    )
+    # parameters and optimizer state are written back where the loop would leave them
+    for name, value in eager.guide.median().items():
+        with fused.param_scope():
+            got = fused.guide.median()[name]
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
+    steps = {s["state"][0]["step"] for s in fused.optim_state.values()}
+    lrs = {round(s["param_groups"][0]["lr"], 12) for s in fused.optim_state.values()}
+    want_lrs = {round(s["param_groups"][0]["lr"], 12) for s in eager.optim_state.values()}
+    assert steps == {45} and lrs == want_lrs
+
+
+def test_fused_steps_stop_at_a_non_finite_loss():
+    # a learning rate that blows the factors up within a few steps
+    with pytest.raises(bf.NonFiniteLossError, match="non-finite loss") as err:
+        _fit("map", "fused", num_steps=200, lr=1e6, kl_warmup=0.0)
+    assert "step" in str(err.value)
+    # the step-by-step loop stops at the same step
+    with pytest.raises(bf.NonFiniteLossError) as ref:
+        _fit("map", False, num_steps=200, lr=1e6, kl_warmup=0.0)
+    assert str(err.value).split(";")[0] == str(ref.value).split(";")[0]
+
+
+def test_fused_steps_need_options_that_let_the_loop_run_on():
+    xs, y = _problem()
+    model = bf.Regressor(bf.CPFusion((3, 4), 1, max_rank=3)).double()
+    with pytest.warns(RuntimeWarning, match="jit='fused' runs step by step: callback"):
+        res = bf.fit(
+            model, xs, y, guide="map", num_steps=5, jit="fused", progress=False,
+            callback=lambda step, loss: False,
+        )  # fmt: skip
+    assert "fused_steps" not in res.info and len(res.losses) == 5
+    with pytest.raises(ValueError, match="jit: expected None, True, False or 'fused', got 'x'"):
+        _fit("map", "x")
+    pyro.clear_param_store()
