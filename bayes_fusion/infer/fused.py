@@ -188,6 +188,7 @@ class FusedSteps:
             with warnings.catch_warnings():
                 # deprecations inside torch's own compiler stack are not the user's to act on
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
                 out = self._compiled(*inputs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             lines = [ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines()]
