@@ -82,15 +82,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], meta: dict) -> str:
-    lines = [
-        "## Calibration (coverage of held-out predictive-mean intervals)",
-        "",
-        " | ".join(f"{k}: {v}" for k, v in meta.items()),
-        "",
-        "| guide | replications | 50% interval coverage (min-max) | 90% interval coverage "
-        "(min-max) | fit (s) | 90% within 85-95% |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = scored_section.table_head(
+        "Calibration (coverage of held-out predictive-mean intervals)",
+        meta,
+        ["guide", "replications", "50% interval coverage (min-max)",
+         "90% interval coverage (min-max)", "fit (s)", "90% within 85-95%"],
+    )  # fmt: skip
     for s in summary:
         cells = [
             f"{s[f'coverage_{lv}']:.3f} ({s[f'range_{lv}'][0]:.3f}-{s[f'range_{lv}'][1]:.3f})"

@@ -208,15 +208,12 @@ def check_targets(rows):
 
 
 def markdown(rows, verdicts, meta) -> str:
-    lines = [
-        "## Classification (held-out accuracy and log-loss)",
-        "",
-        " | ".join(f"{k}: {v}" for k, v in meta.items()),
-        "",
-        "| data | method | accuracy | log-loss | ECE | 90% interval coverage | fit (s) | params "
-        "| test rows |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = scored_section.table_head(
+        "Classification (held-out accuracy and log-loss)",
+        meta,
+        ["data", "method", "accuracy", "log-loss", "ECE", "90% interval coverage", "fit (s)",
+         "params", "test rows"],
+    )  # fmt: skip
     for r in rows:
         cover = r.get("interval_coverage")
         cover = "-" if cover is None else f"{cover:.3f}"

@@ -2,7 +2,7 @@
 
 The same model as ``bf.Regressor(bf.CPFusion(sizes, out, rank))`` (append-one factors,
 ``lambda ~ HalfCauchy(1)``, factor columns ``~ Normal(0, lambda + 1e-3)``, bias ``~ Normal(0,
-1)``, per-output noise ``~ HalfNormal(1)``, Gaussian likelihood), ``AutoDelta`` (map) or
+10)``, per-output noise ``~ HalfNormal(1)``, Gaussian likelihood), ``AutoDelta`` (map) or
 ``AutoNormal`` (meanfield), Adam; the steps run as one XLA-compiled ``lax.scan`` of
 ``svi.update`` (what ``svi.run`` does), compiled once and timed on later calls (best of
 three), so the compile time is reported apart from the step.
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
             p = xs[m] @ f[:-1] + f[-1]
             h = p if h is None else h * p
         f_out = numpyro.sample("out_factor", dist.Normal(0.0, std).expand([out, rank]).to_event(2))
-        bias = numpyro.sample("bias", dist.Normal(0.0, 1.0).expand([out]).to_event(1))
+        bias = numpyro.sample("bias", dist.Normal(0.0, 10.0).expand([out]).to_event(1))
         noise = numpyro.sample("noise", dist.HalfNormal(1.0).expand([out]).to_event(1))
         pred = h @ f_out.T + bias
         with numpyro.plate("data", y.shape[0]):

@@ -30,6 +30,19 @@ def parse_args(doc: str, argv, quick_help: str, extra: Callable | None = None):
     return args
 
 
+def table_head(title: str, meta: dict, columns: list[str]) -> list[str]:
+    """The first lines of a section's markdown: its title, the run header and the head of its
+    table with these ``columns``."""
+    return [
+        f"## {title}",
+        "",
+        " | ".join(f"{k}: {v}" for k, v in meta.items()),
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+
+
 def write(args, name: str, started: float, markdown: Callable[[dict], str], payload: dict):
     """Write ``OUT/name.md`` (``markdown(meta)``) and ``OUT/name.json`` (``payload`` with the
     run header ``meta`` under ``"machine"``)."""

@@ -102,6 +102,7 @@ def test_default_classifier_matches_logistic_regression_on_nutrimouse():
     views, y = mice.views, mice.targets["diet"]
     probs, ref = torch.zeros(len(y), 5, dtype=torch.float64), torch.zeros(len(y), 5)
     folds = StratifiedKFold(n_splits=4, shuffle=True, random_state=0)
+    x = torch.cat(views, 1).numpy()
     for train, test in folds.split(torch.zeros(len(y)), y):
         tr, te = torch.as_tensor(train), torch.as_tensor(test)
         model = bf.Classifier(bf.CPFusion([v.shape[1] for v in views], 5, max_rank=8))
@@ -110,7 +111,6 @@ def test_default_classifier_matches_logistic_regression_on_nutrimouse():
             result = bf.fit(model, [v[tr] for v in views], y[tr], num_steps=1500, progress=False)
         assert result.method == "map"
         probs[te] = result.predict([v[te] for v in views])["probs"].double()
-        x = torch.cat(views, 1).numpy()
         lr = LogisticRegression(max_iter=5000).fit(x[train], y[tr].numpy())
         ref[te] = torch.as_tensor(lr.predict_proba(x[test]), dtype=ref.dtype)
     accuracy = (probs.argmax(1) == y).double().mean()

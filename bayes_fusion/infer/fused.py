@@ -165,7 +165,7 @@ class FusedSteps:
         )
         # as the step-by-step direct loss: no per-step argument validation of distributions
         with pyro.validation_enabled(False):
-            out = self._compiled(*inputs) if self._checked else self._first_call(inputs)
+            out = self._compiled(*inputs) if self._checked else self._first_call(inputs, n)
         theta, m, v, losses, finite = out
         losses, finite = losses[:n].tolist(), finite[:n].tolist()
         bad = next((k for k, good in enumerate(finite) if not good), -1)
@@ -175,7 +175,7 @@ class FusedSteps:
         self._step0 += done
         return (losses if bad < 0 else losses[: bad + 1]), bad
 
-    def _first_call(self, inputs):
+    def _first_call(self, inputs, n: int):
         """Compile, and check the compiled call against the eager one from the same random
         state; raises ``RuntimeError`` (the caller falls back to step-by-step) on failure."""
         cpu = torch.get_rng_state()
@@ -196,7 +196,6 @@ class FusedSteps:
             raise RuntimeError(self.failed) from exc
         self.compile_seconds += time.perf_counter() - start
         torch.set_rng_state(after)
-        n = int(inputs[6])
         got, want = out[3][:n].double(), eager[3][:n].double()
         if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * max(1.0, float(want.abs().max()))):
             self.failed = (

@@ -376,13 +376,12 @@ def _fused_chunk(fused, stepper, batches, losses, step, num_steps, warmup):
     batch = next(batches)
     try:
         chunk, bad = fused.run(batch, betas, stepper.anneal.obs_scale)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # only the first call compiles: nothing to write back
         warnings.warn(f"fit: jit='fused' runs step by step: {exc}", RuntimeWarning, stacklevel=5)
-        fused.write_back()
         return 0, None
     if bad >= 0:
         losses.extend(chunk[:bad])
-        fused.write_back()
+        fused.write_back()  # the error names offending sites from the guide's current values
         raise non_finite_error(step + bad, chunk[bad], stepper.model, stepper.guide, batch)
     losses.extend(chunk)
     return n, fused
