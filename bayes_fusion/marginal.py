@@ -253,8 +253,9 @@ def run_chain(
 ):
     """Run one NUTS chain on ``potential`` (a picklable callable); also a process entry point.
 
-    :returns: ``(samples, divergences)``: unconstrained draws ``name -> (S, ...)`` and the
-        indices of divergent transitions after warm-up.
+    :returns: ``(samples, divergences, report)``: unconstrained draws ``name -> (S, ...)``, the
+        indices of divergent transitions after warm-up and the potential's ``report()`` (what
+        it says of its computation; ``{}`` without one).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -272,7 +273,8 @@ def run_chain(
     )
     mcmc.run()
     divergences = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
-    return mcmc.get_samples(), [int(i) for i in divergences]
+    report = potential.report() if hasattr(potential, "report") else {}
+    return mcmc.get_samples(), [int(i) for i in divergences], report
 
 
 def run_chains(
@@ -280,7 +282,8 @@ def run_chains(
 ):
     """Run one chain per entry of ``inits`` (its start, unconstrained coordinates), in
     parallel processes (spawned, one thread share each) or one after another.
-    :returns: ``(samples name -> (C, S, ...), divergences per chain)``."""
+    :returns: ``(samples name -> (C, S, ...), divergences per chain, the first chain's
+    potential report)``."""
     validate = pyro.infer.util.is_validation_enabled()
     jobs = [
         (potential, init, num_samples, warmup_steps, int(s), kernel_kwargs)
@@ -292,7 +295,7 @@ def run_chains(
     else:
         runs = [run_chain(*job, None, progress, validate) for job in jobs]
     samples = {k: torch.stack([r[0][k] for r in runs]) for k in runs[0][0]}
-    return samples, [r[1] for r in runs]
+    return samples, [r[1] for r in runs], runs[0][2]
 
 
 def _run_in_processes(jobs: list[tuple], threads: int) -> list:

@@ -232,7 +232,8 @@ class Classifier(_Likelihood):
         """``log p(y, values | inputs)`` at one draw, computed without Pyro (see
         :meth:`Regressor.log_joint`; ``y`` holds integer labels ``(N,)``)."""
         logits = self.layer.apply(self.layer.short_values(values), inputs)
-        log_lik = dist.Categorical(logits=logits).log_prob(y).sum()
+        # Categorical(logits).log_prob in plain ops (torch.compile traces it whole)
+        log_lik = logits.log_softmax(-1).gather(-1, y.unsqueeze(-1)).sum()
         weight = obs_scale * self._data_scale(logits.shape[-2])
         return latent_scale * self.layer.log_prior(values) + weight * log_lik
 

@@ -630,8 +630,9 @@ def bench_nuts(rep, device, quick):
     draws = 30 if quick else 500
     cases = [("collapsed (default): out factor + bias integrated out", {})]
     if not quick:
-        # the generic path is ~100x slower per effective sample: a shorter run suffices
-        cases.append(("generic non-centred, 150 draws", dict(marginalize=False, draws=150)))
+        # the generic path is far slower per effective sample: a shorter run suffices
+        cases.append(("generic path (marginalize=False), 150 draws",
+                      dict(marginalize=False, draws=150)))  # fmt: skip
     results = {}
     for name, kw in cases:
         kw = dict(kw)
@@ -775,7 +776,8 @@ def bench_distributed(rep, device, quick, out):
 
 def bench_scored(name, quick, out):
     """A section that scores predictions instead of timing them (``benchmarks/<name>.py``:
-    ``classification`` or ``calibration``) writes its own table, ``<name>.md``; returns it."""
+    ``classification``, ``calibration`` or ``nuts_models``) writes its own table,
+    ``<name>.md``; returns it."""
     import importlib
 
     importlib.import_module(name).main((["--quick"] if quick else []) + ["--out", str(out)])
@@ -816,7 +818,7 @@ def main(argv=None):
         nargs="*",
         default=None,
         help="subset: cp_forward cp_memory xox svi numpyro scaling throughput nuts distributed "
-        "classification calibration",
+        "classification calibration nuts_models",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -841,6 +843,7 @@ def main(argv=None):
         "distributed": lambda: bench_distributed(rep, device, q, out),
         "classification": lambda: extra.append(bench_scored("classification", q, out)),
         "calibration": lambda: extra.append(bench_scored("calibration", q, out)),
+        "nuts_models": lambda: extra.append(bench_scored("nuts_models", q, out)),
     }
     for name, run in sections.items():
         if args.only is None or name in args.only:

@@ -1,6 +1,6 @@
-"""MCMC: :func:`fit_nuts`, the generic NUTS path (Pyro's ``MCMC``, non-centred factors, MAP
-start) and what every NUTS path shares: the MAP start, the chain layout and divergence counts.
-The collapsed path for ``Regressor(CPFusion)`` is in :mod:`.mcmc_collapsed`."""
+"""The generic NUTS path (any model, through :class:`~.potential.ModelPotential`) and what
+every NUTS path shares: the MAP start, the chains' starting points and their layout. The
+collapsed path for ``Regressor(CPFusion)`` is in :mod:`.mcmc_collapsed`."""
 
 from __future__ import annotations
 
@@ -9,27 +9,25 @@ import os
 import time
 
 import torch
-from pyro import poutine
-from pyro.infer import MCMC, NUTS
-from pyro.infer.autoguide import init_to_value
-from pyro.infer.reparam import LocScaleReparam
 from torch import Tensor
-from torch.distributions import biject_to
 
 from ..guides import rank_layers
+from ..marginal import flatten_params, laplace_inverse_mass_matrix, run_chains
+from ..rank import active_components
+from .potential import ModelPotential
 from .result import FitResult
 from .svi import fit_svi
 
-__all__ = ["MAP_RESTARTS", "divergences", "map_point", "parallel_chains", "run_generic_nuts"]
-
-
-def _scaled_sites(model) -> dict[str, tuple]:
-    """Full factor-site name -> (layer, scale-site name) for every rank-bearing layer."""
-    out = {}
-    for layer in rank_layers(model).values():
-        for short in layer.scaled_sites():
-            out[layer.site_name(short)] = (layer, layer.site_name(layer.SCALE_SITE))
-    return out
+__all__ = [
+    "MAP_RESTARTS",
+    "START_JITTER",
+    "centred_components",
+    "chain_starts",
+    "map_point",
+    "parallel_chains",
+    "run_generic_nuts",
+    "start_description",
+]
 
 
 def run_generic_nuts(
@@ -42,111 +40,127 @@ def run_generic_nuts(
     reparam: bool,
     init: str,
     init_steps: int,
-    jit_compile: bool,
     max_tree_depth: int,
     target_accept_prob: float,
     chain_method: str,
+    full_mass,
+    compile: bool,
 ) -> FitResult:
-    """NUTS with Pyro's ``MCMC`` on any model: the scaled factors non-centred
-    (``reparam``), started from the best MAP fit (``init="map"``). Arguments as
+    """NUTS on any model through :class:`~.potential.ModelPotential`: factors of the
+    components the MAP point finds active centred, the others non-centred (``reparam``), softmax
+    class means of a ``Classifier`` drawn from their prior, a dense metric started from the
+    Laplace approximation at the MAP, chains started at draws of it. Arguments as
     :func:`~bayes_fusion.fit_nuts`, already validated."""
-    parallel = parallel_chains(num_chains, chain_method, os.cpu_count() or 1)
-    scaled = _scaled_sites(model)
-    nuts_model = model
-    if reparam and scaled:
-        nuts_model = poutine.reparam(model, config={s: LocScaleReparam(0.0) for s in scaled})
+    parallel = parallel_chains(num_chains, chain_method, os.cpu_count() or 1, reserve=0)
+    local = _defined_in_main(model)
+    parallel = parallel and not local
     t0 = time.perf_counter()
-    init_values = {}
     if init == "map":
-        init_values = _decentred_start(model, args, init_steps, scaled, reparam)
-    kernel = NUTS(
-        nuts_model,
-        init_strategy=init_near(init_values),
-        jit_compile=jit_compile,
-        ignore_jit_warnings=True,
-        max_tree_depth=max_tree_depth,
-        target_accept_prob=target_accept_prob,
-    )
-    mcmc = MCMC(
-        kernel,
-        num_samples=num_samples,
-        warmup_steps=warmup_steps,
-        num_chains=num_chains if parallel else 1,
-        disable_progbar=not progress,
-        mp_context="spawn" if parallel else None,
-    )
-    if not parallel and num_chains > 1:
-        runs = []
-        for _ in range(num_chains):
-            mcmc.run(*args)
-            runs.append((mcmc.get_samples(group_by_chain=True), divergences(mcmc)))
-        raw = {k: torch.cat([r[0][k] for r in runs]) for k in runs[0][0]}
-        div_idx = [d for r in runs for d in r[1]]
+        point = map_point(model, args, init_steps)
+        values = {k: v[0] for k, v in point.items()}
+        centered = {
+            layer.site_name(layer.SCALE_SITE): centred_components(layer, point)
+            for layer in rank_layers(model).values()
+        }
     else:
-        mcmc.run(*args)
-        raw = mcmc.get_samples(group_by_chain=True)
-        div_idx = divergences(mcmc)
+        values, centered = None, {}
+    if not reparam:  # every component centred: the model's own coordinates
+        centered = {
+            layer.site_name(layer.SCALE_SITE): torch.ones(layer.rank)
+            for layer in rank_layers(model).values()
+        }
+    potential = ModelPotential(model, args, centered, compile=compile)
+    start = potential.to_unconstrained(values if values is not None else potential.init_values)
+    dim = sum(v.numel() for v in start.values())
+    kernel_kwargs = {
+        "max_tree_depth": max_tree_depth,
+        "target_accept_prob": target_accept_prob,
+        "full_mass": dim <= 500 if full_mass == "auto" else bool(full_mass),
+    }
+    if kernel_kwargs["full_mass"] and init == "map":
+        metric = laplace_inverse_mass_matrix(potential, start)
+        if metric is not None:
+            kernel_kwargs["initial_inverse_mass_matrix"] = metric
+    seeds = torch.randint(0, 2**31 - 1, (num_chains,)).tolist()
+    starts = chain_starts(start, kernel_kwargs.get("initial_inverse_mass_matrix"), num_chains)
+    raw, div_idx, report = run_chains(
+        potential, starts, num_samples, warmup_steps, seeds, kernel_kwargs, parallel, progress
+    )
+    with torch.no_grad():
+        samples = potential.complete(potential.constrain(raw))
     info = {
         "seconds": time.perf_counter() - t0,
         "divergences": [len(d) for d in div_idx],
         "divergence_indices": div_idx,
         "num_chains": num_chains,
+        "path": "generic",
         "reparam": bool(reparam),
         "init": init,
-        "chain_starts": f"the MAP point jittered by Normal(0, {START_JITTER}^2) (unconstrained) "
-        "per chain"
-        if init_values
-        else "Pyro's default init per chain",
+        "full_mass": kernel_kwargs["full_mass"],
+        "centered_components": {k: v.tolist() for k, v in potential.centered.items()},
+        "class_contrasts": sorted(potential.contrasts),
+        "parallel": parallel,
+        "chain_starts": start_description(kernel_kwargs),
+        "compiled_potential": False,
+        **report,
     }
-    return FitResult(model, None, "nuts", args, mcmc_samples=_recentred(raw, scaled), info=info)
+    if local and num_chains > 1:
+        info["sequential_reason"] = (
+            "the model is defined in __main__ (worker processes cannot import it)"
+        )
+    return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)
 
 
-#: std of the unconstrained jitter of each chain's start around the MAP point
+def centred_components(layer, point: dict[str, Tensor]) -> Tensor:
+    """``(R,)`` 1/0 per component of ``layer``: active at the MAP ``point`` (one leading draw
+    dim), by relevance where it is per component (CP) and by scale otherwise (XOX, whose
+    relevances are the singular values of ``W``, not per gene)."""
+    active = active_components(layer, point)[0]
+    if active.shape[-1] != layer.rank:
+        active = active_components(layer, point, kind="scale")[0]
+    return active.to(point[layer.site_name(layer.SCALE_SITE)].dtype)
+
+
+def _defined_in_main(model) -> bool:
+    """Whether the model (or one of its submodules) is a class or function of ``__main__``, which
+    a chain's worker process cannot import."""
+    objs = list(model.modules()) if isinstance(model, torch.nn.Module) else [model]
+    return any(
+        getattr(o, "__module__", None) == "__main__" or type(o).__module__ == "__main__"
+        for o in objs
+    )
+
+
+#: std of the unconstrained jitter of each chain's start when there is no Laplace metric
 START_JITTER = 0.1
 
 
-def init_near(values: dict[str, Tensor], jitter: float = START_JITTER):
-    """A Pyro init strategy: every site at ``values`` moved by ``Normal(0, jitter^2)`` in its
-    unconstrained coordinates (sites not in ``values``: Pyro's default). Each chain (each
-    worker process, each sequential run) draws its own jitter, so chains start apart and r-hat
-    can see one that stays stuck.
+def chain_starts(start: dict, metric: dict | None, num_chains: int) -> list[dict]:
+    """One start per chain (unconstrained coordinates): chain 0 at ``start``, every other chain
+    at a draw of the Laplace approximation around it (covariance ``metric``, the
+    curvature-clipped inverse Hessian of :func:`~bayes_fusion.marginal
+    .laplace_inverse_mass_matrix`; without one, ``Normal(0, START_JITTER^2)`` jitter). Chains
+    that start apart let r-hat see a chain that stays stuck; from one shared point it cannot.
     """
-    fallback = init_to_value(values={})
-
-    def init(site=None):
-        if site is None or site["name"] not in values:
-            return fallback(site)
-        transform = biject_to(site["fn"].support)
-        u = transform.inv(values[site["name"]])
-        return transform(u + jitter * torch.randn_like(u))
-
-    return init
-
-
-def _decentred_start(model, args, init_steps: int, scaled: dict, reparam: bool) -> dict:
-    """The MAP point in the sampler's coordinates (scaled factors divided by their scale)."""
-    values = {k: v[0] for k, v in map_point(model, args, init_steps).items()}
-    init_values = {}
-    for name, value in values.items():
-        if reparam and name in scaled:
-            layer, scale_site = scaled[name]
-            init_values[f"{name}_decentered"] = value / (values[scale_site] + layer.scale_floor)
-        else:
-            init_values[name] = value
-    return init_values
+    center, unflatten = flatten_params(start)
+    scale = None
+    if metric is not None:
+        cov = next(iter(metric.values()))
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        scale = torch.linalg.cholesky(cov + 1e-9 * eye)
+    starts = [dict(start)]
+    for _ in range(1, num_chains):
+        noise = torch.randn_like(center)
+        point = center + (scale @ noise if scale is not None else START_JITTER * noise)
+        starts.append(unflatten(point))
+    return starts
 
 
-def _recentred(raw: dict[str, Tensor], scaled: dict) -> dict[str, Tensor]:
-    """Draws of the model's own sites from the sampler's (``*_decentered`` times scale)."""
-    samples = {}
-    for name, value in raw.items():
-        if name.endswith("_decentered") and name[: -len("_decentered")] in scaled:
-            base = name[: -len("_decentered")]
-            layer, scale_site = scaled[base]
-            samples[base] = value * (raw[scale_site] + layer.scale_floor).unsqueeze(-2)
-        else:
-            samples[name] = value
-    return samples
+def start_description(kernel_kwargs: dict) -> str:
+    """``info["chain_starts"]``: where the chains started."""
+    if "initial_inverse_mass_matrix" in kernel_kwargs:
+        return "chain 0 at the MAP point, the others at draws of the Laplace approximation"
+    return f"chain 0 at the start point, the others jittered by Normal(0, {START_JITTER}^2)"
 
 
 def parallel_chains(num_chains: int, chain_method: str, cpus: int, reserve: int = 1) -> bool:
@@ -191,9 +205,3 @@ def map_point(model, args, init_steps: int, restarts: int = MAP_RESTARTS) -> dic
         if best is None or loss < best_loss:
             best, best_loss = pre, loss
     return {k: v.detach() for k, v in best.posterior_samples(1).items()}
-
-
-def divergences(mcmc) -> list[list[int]]:
-    """Indices of the divergent transitions (after warm-up), one list per chain."""
-    div = mcmc.diagnostics().get("divergences", {})
-    return [[int(i) for i in v] for v in div.values()]

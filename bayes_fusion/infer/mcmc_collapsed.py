@@ -10,38 +10,12 @@ import time
 
 import torch
 
-from ..marginal import (
-    CPRegressionMarginal,
-    flatten_params,
-    laplace_inverse_mass_matrix,
-    run_chains,
-)
+from ..marginal import CPRegressionMarginal, laplace_inverse_mass_matrix, run_chains
 from ..rank import active_components
-from .mcmc import START_JITTER, map_point, parallel_chains
+from .mcmc import chain_starts, map_point, parallel_chains, start_description
 from .result import FitResult
 
-__all__ = ["run_collapsed_nuts", "chain_starts"]
-
-
-def chain_starts(start: dict, metric: dict | None, num_chains: int) -> list[dict]:
-    """One start per chain (unconstrained coordinates): chain 0 at ``start``, every other chain
-    at a draw of the Laplace approximation around it (covariance ``metric``, the
-    curvature-clipped inverse Hessian of :func:`laplace_inverse_mass_matrix`; without one,
-    ``Normal(0, START_JITTER^2)`` jitter). Chains that start apart let r-hat see a chain that
-    stays stuck; from one shared point it cannot.
-    """
-    center, unflatten = flatten_params(start)
-    chol = None
-    if metric is not None:
-        cov = next(iter(metric.values()))
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-        chol = torch.linalg.cholesky(cov + 1e-9 * eye)
-    starts = [dict(start)]
-    for _ in range(1, num_chains):
-        noise = torch.randn_like(center)
-        point = center + (chol @ noise if chol is not None else START_JITTER * noise)
-        starts.append(unflatten(point))
-    return starts
+__all__ = ["run_collapsed_nuts"]
 
 
 def run_collapsed_nuts(
@@ -87,7 +61,7 @@ def run_collapsed_nuts(
             kernel_kwargs["initial_inverse_mass_matrix"] = metric
     seeds = torch.randint(0, 2**31 - 1, (num_chains,)).tolist()
     starts = chain_starts(start, kernel_kwargs.get("initial_inverse_mass_matrix"), num_chains)
-    raw, div_idx = run_chains(
+    raw, div_idx, _ = run_chains(
         potential,
         starts,
         num_samples,
@@ -109,6 +83,7 @@ def run_collapsed_nuts(
         "divergences": [len(d) for d in div_idx],
         "divergence_indices": div_idx,
         "num_chains": num_chains,
+        "path": "collapsed",
         "reparam": True,
         "init": init,
         "marginalized": [potential.out_site]
@@ -116,9 +91,6 @@ def run_collapsed_nuts(
         "full_mass": kernel_kwargs["full_mass"],
         "centered_components": potential.centered.tolist(),
         "parallel": parallel,
-        "chain_starts": "chain 0 at the MAP point, the others at draws of the Laplace "
-        "approximation around it"
-        if "initial_inverse_mass_matrix" in kernel_kwargs
-        else f"chain 0 at the start point, the others jittered by Normal(0, {START_JITTER}^2)",
+        "chain_starts": start_description(kernel_kwargs),
     }
     return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)

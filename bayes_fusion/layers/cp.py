@@ -200,6 +200,12 @@ class CPFusion(RankLayer):
         """Short names of the factor sites whose columns have prior ``Normal(0, lam + eps)``."""
         return tuple(f"factor_{m}" for m in range(self.num_modalities)) + ("out_factor",)
 
+    def output_sites(self) -> tuple[str, ...]:
+        """Short names of the sites whose first axis indexes the outputs, i.i.d. a priori along
+        it: a shift common to every output moves every output by the same amount."""
+        sites = ("out_factor",) + (("bias",) if self.use_bias else ())
+        return sites + (("main_effects",) if self.main_effects else ())
+
     def forward(self, inputs: Sequence[Tensor | None]) -> Tensor:
         """Sample the weights and fuse the modalities.
 

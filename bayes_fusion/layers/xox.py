@@ -104,6 +104,11 @@ class XOXLinear(RankLayer):
         """Short names of the factor sites whose columns have prior ``Normal(0, lam + eps)``."""
         return ("x_in", "x_out")
 
+    def output_sites(self) -> tuple[str, ...]:
+        """Short names of the sites whose first axis indexes the outputs, i.i.d. a priori along
+        it: a shift common to every output moves every output by the same amount."""
+        return ("x_out", "bias") if self.use_bias else ("x_out",)
+
     def forward(self, x: Tensor) -> Tensor:
         """Sample the weights and apply the layer.
 

@@ -1,0 +1,239 @@
+"""The potential energy of any Pyro model for the generic NUTS path, in coordinates that suit
+rank layers.
+
+Every latent site ``x`` is sampled through the bijection to its support (``x = T(u)``), except
+the factor sites of the rank layers (columns with prior ``Normal(0, s_r)``, ``s_r = lambda_r +
+eps``), which are sampled as ``z`` with ``U = z * s_r^(1 - c_r)``: ``c_r = 1`` keeps component
+``r`` centred (``U = z``), ``c_r = 0`` non-centres it (``U = s_r z``, ``z ~ Normal(0, 1)``).
+Components the data pin down mix better centred, weak ones (a funnel with their scale)
+non-centred; :func:`~bayes_fusion.fit_nuts` centres the ones the MAP point finds active.
+The potential is the model's own log density at the constrained values plus the log Jacobian
+of the change of variables (``(1 - c_r) log s_r`` per factor entry, ``log |dT/du|`` per site),
+so it is exact for any model; the library's models compute their log density without recording
+a Pyro trace (``log_joint``), any other model runs under :class:`~bayes_fusion.direct_elbo
+.LogJoint`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+from torch.distributions import biject_to
+
+from ..compiled import CompiledFunction
+from ..direct_elbo import LogJoint
+from ..guides import rank_layers
+
+__all__ = ["ModelPotential", "scaled_sites"]
+
+DECENTERED = "_decentered"
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def scaled_sites(model) -> dict[str, tuple]:
+    """Full factor-site name -> (layer, scale-site name) for every rank-bearing layer."""
+    out = {}
+    for layer in rank_layers(model).values():
+        for short in layer.scaled_sites():
+            out[layer.site_name(short)] = (layer, layer.site_name(layer.SCALE_SITE))
+    return out
+
+
+class ModelPotential:
+    """Potential energy (negative log joint in unconstrained coordinates, see the module doc)
+    of ``model(*args)``. Picklable when the model is (parallel chains in worker processes).
+
+    :param model: a Pyro model; its rank layers' factor sites get the ``z`` coordinates.
+    :param args: the model's arguments (data), e.g. ``(inputs, y)``.
+    :param centered: scale-site name -> ``(R,)`` tensor in ``[0, 1]``: per component ``1``
+        centred, ``0`` non-centred (a missing layer: all non-centred).
+    :param compile: compute the potential (forward and backward) through ``torch.compile``
+        (:class:`~bayes_fusion.compiled.CompiledFunction`), compiled on first use.
+    """
+
+    def __init__(
+        self,
+        model,
+        args: tuple,
+        centered: dict[str, Tensor] | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.model = model
+        self.compile = compile
+        self._compiled = None
+        self.args = args
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(model).get_trace(*args)
+        self.scaled = {k: (v[1], v[0].scale_floor.detach()) for k, v in scaled_sites(model).items()}
+        self.sites = {}  # latent site -> support, in the model's sampling order
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+                self.sites[name] = site["fn"].support
+        centered = dict(centered or {})
+        self.centered = {}
+        self.init_values = {}  # a start: the rank layers' own initial values, else the trace's
+        for name in self.sites:
+            self.init_values[name] = trace.nodes[name]["value"].detach()
+        for layer in rank_layers(model).values():
+            self.init_values.update(layer.init_values())
+        for scale_site, _ in self.scaled.values():
+            like = trace.nodes[scale_site]["value"]
+            c = centered.get(scale_site, torch.zeros(like.shape[-1]))
+            self.centered[scale_site] = torch.as_tensor(c, dtype=like.dtype, device=like.device)
+        self.fast = bool(getattr(model, "has_log_joint", False)) and len(args) == 2
+        self.contrasts = _class_sites(model) if self.fast else {}
+        self.basis = None
+        if self.contrasts:
+            classes = model.layer.out_features
+            like = trace.nodes[next(iter(self.contrasts))]["value"]
+            self.basis = contrast_basis(classes, like.dtype, like.device)
+
+    # --- coordinates ---------------------------------------------------------------------
+    def _factor_scale(self, site: str, values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``s^(1 - c)`` broadcastable over the site's rows, and ``(1 - c) log s`` ``(..., R)``."""
+        scale_site, floor = self.scaled[site]
+        s = values[scale_site] + floor
+        power = 1 - self.centered[scale_site]
+        return (s**power).unsqueeze(-2), power * s.log()
+
+    def _rotate(self, site: str, value: Tensor, inverse: bool = False) -> Tensor:
+        """Class contrasts ``(..., C-1, ...)`` -> the site's value with class mean 0 ``(..., C,
+        ...)`` (``inverse``: back)."""
+        axis = -self.contrasts[site]
+        moved = value.movedim(axis, -1)
+        out = moved @ (self.basis if inverse else self.basis.T)
+        return out.movedim(-1, axis)
+
+    def constrain(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unconstrained coordinates (any leading draw dims) -> site values (for sites with
+        class contrasts: the class-mean-free part; :meth:`complete` adds the mean)."""
+        return self._values_and_log_det(params)[0]
+
+    def to_unconstrained(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Site values (one point) -> unconstrained coordinates."""
+        out = {}
+        for name, support in self.sites.items():
+            value = values[name]
+            if name in self.contrasts:
+                value = self._rotate(name, value, inverse=True)
+            if name in self.scaled:
+                out[name + DECENTERED] = value / self._factor_scale(name, values)[0]
+            else:
+                out[name] = biject_to(support).inv(value)
+        return {k: v.detach().clone() for k, v in out.items()}
+
+    def _values_and_log_det(self, params: dict[str, Tensor]):
+        values, log_det = {}, 0.0
+        for name, support in self.sites.items():
+            if name in self.scaled:
+                continue
+            u = params[name]
+            transform = biject_to(support)
+            x = transform(u)
+            values[name] = x
+            if transform.bijective and not _is_identity(transform):
+                log_det = log_det + transform.log_abs_det_jacobian(u, x).sum()
+        for name in self.scaled:
+            z = params[name + DECENTERED]
+            factor, log_factor = self._factor_scale(name, values)
+            values[name] = z * factor
+            log_det = log_det + z.shape[-2] * log_factor.sum(-1)
+        for name in self.contrasts:
+            values[name] = self._rotate(name, values[name])
+        return values, log_det
+
+    def _class_mean_std(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Prior std of the class mean of every contrast site, ``(..., rest of its shape)``."""
+        layer = self.model.layer
+        given = layer.short_values(values)
+        out = {}
+        for short, prior in layer.site_priors(given):
+            name = layer.site_name(short)
+            if name in self.contrasts:
+                scale = prior.base_dist.scale
+                out[name] = scale.select(-self.contrasts[name], 0)
+        return out
+
+    def complete(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Add the class means (drawn from their prior, which the data do not inform: softmax
+        logits are unchanged by a shift common to every class) to constrained draws."""
+        values = dict(values)
+        for name, std in self._class_mean_std(values).items():
+            axis = -self.contrasts[name]
+            std = std.expand(values[name].select(axis, 0).shape)
+            mean = std * torch.randn_like(std) / self.basis.shape[0] ** 0.5
+            values[name] = values[name] + mean.unsqueeze(axis)
+        return values
+
+    # --- density -------------------------------------------------------------------------
+    def log_joint(self, values: dict[str, Tensor]) -> Tensor:
+        """``log p(data, values)`` of the model at one point of the site values."""
+        if self.fast:
+            return self.model.log_joint(values, *self.args)
+        # LogJoint inside the block: it sees every site, nothing outside sees them
+        with poutine.block(), LogJoint(values) as joint:
+            self.model(*self.args)
+        return joint.total
+
+    def potential(self, params: dict[str, Tensor]) -> Tensor:
+        """Potential energy at one point of the unconstrained coordinates (scalar)."""
+        values, log_det = self._values_and_log_det(params)
+        log_p = self.log_joint(values) + log_det
+        if self.contrasts:
+            # the density of the contrasts: the class mean (prior N(0, std), at 0 here) is
+            # integrated out, which removes its log N(0; 0, std) = -log std - log(2 pi)/2
+            for std in self._class_mean_std(values).values():
+                log_p = log_p + std.log().sum() + _HALF_LOG_2PI * std.numel()
+        return -log_p
+
+    def __call__(self, params: dict[str, Tensor]) -> Tensor:
+        """The potential (NUTS's ``potential_fn``): with ``compile``, through one
+        ``torch.compile`` graph per pass (:class:`~bayes_fusion.compiled.CompiledFunction`,
+        eager if compiling fails), else :meth:`potential`."""
+        if not self.compile:
+            return self.potential(params)
+        if self._compiled is None:
+            self._compiled = CompiledFunction(self.potential, name="NUTS potential")
+        with pyro.validation_enabled(False):  # argument checks do not trace into a graph
+            return self._compiled(params)
+
+    def report(self) -> dict:
+        """What the fit's ``info`` says of this potential's computation."""
+        if self._compiled is None:
+            return {}
+        if self._compiled.failed is not None:
+            return {"compiled_potential": False, "compile_failure": self._compiled.failed}
+        return {"compiled_potential": True, "compile_seconds": self._compiled.compile_seconds}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_compiled": None}  # compiled code does not pickle
+
+
+def contrast_basis(classes: int, dtype=None, device=None) -> Tensor:
+    """Orthonormal basis ``(C, C-1)`` of the vectors whose entries sum to 0."""
+    ones = torch.ones(classes, 1, dtype=torch.float64)
+    q = torch.linalg.qr(torch.cat([ones, torch.eye(classes, dtype=torch.float64)], 1))[0]
+    return q[:, 1:classes].to(dtype=dtype, device=device).contiguous()
+
+
+def _class_sites(model) -> dict[str, int]:
+    """Sites of a ``Classifier``'s rank layer whose first axis indexes the classes (number of
+    event dims of each): softmax ignores shifts common to every class along that axis."""
+    from ..layers.base import RankLayer
+    from ..models import Classifier
+
+    layer = getattr(model, "layer", None)
+    if not isinstance(model, Classifier) or not isinstance(layer, RankLayer):
+        return {}
+    shapes = layer.site_shapes()
+    return {layer.site_name(short): len(shapes[short]) for short in layer.output_sites()}
+
+
+def _is_identity(transform) -> bool:
+    parts = getattr(transform, "parts", None)
+    return parts is not None and not parts
