@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -120,7 +121,11 @@ class CompiledFunction:
         def flat(*tensors):
             return self.fn(*unflatten_tensors(spec, tensors))
 
-        return flat
+        # a private code object per instance and structure: dynamo keeps its compiled graphs
+        # (and counts recompilations, giving up after 8) per code object, so one shared
+        # ``flat`` would stop compiling after a few fits in one process
+        code = flat.__code__.replace(co_name=f"flat_{id(self):x}_{len(self._cache)}")
+        return types.FunctionType(code, flat.__globals__, closure=flat.__closure__)
 
     def __call__(self, *args) -> Tensor:
         if self.failed is not None:

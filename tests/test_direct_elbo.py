@@ -171,6 +171,24 @@ def test_compiled_function_draws_fresh_numbers_and_recompiles_on_new_shapes():
     assert fn.num_compiles == 2 and fn.failed is None
 
 
+class _Scaled:
+    """A method bound to its own object: every instance is a new guard for dynamo."""
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, x):
+        return (x * self.k).sum()
+
+
+def test_many_compiled_functions_in_one_process_all_compile():
+    # one shared code object would hit dynamo's recompile limit (8) and stop compiling
+    for k in range(10):
+        fn = CompiledFunction(_Scaled(float(k)), name=f"scaled {k}")
+        assert float(fn(torch.ones(3))) == 3.0 * k
+        assert fn.failed is None and fn.num_compiles == 1
+
+
 def test_compiled_function_falls_back_when_the_graph_disagrees():
     calls = []
 

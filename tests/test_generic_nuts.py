@@ -1,6 +1,7 @@
 """The generic NUTS path (every model but Regressor(CPFusion)): known answers on small
 instances, a user model with its own likelihood, the compiled potential, chain layout."""
 
+import os
 import types
 import warnings
 
@@ -62,7 +63,7 @@ def test_user_model_with_its_own_likelihood_runs_parallel_chains():
     res = _nuts(model, data.inputs, counts, num_samples=60, warmup_steps=60, num_chains=2,
                 init_steps=300, max_tree_depth=6)  # fmt: skip
     assert res.info["path"] == "generic" and res.info["class_contrasts"] == []
-    assert res.info["parallel"] is (bf.infer.mcmc.os.cpu_count() >= 2)
+    assert res.info["parallel"] is ((os.cpu_count() or 1) >= 2)
     lam = res.posterior_samples(group_by_chain=True)["layer.rank_scale"]
     assert lam.shape == (2, 60, 2) and not torch.equal(lam[0], lam[1])
     # the posterior mean log rate follows the true one

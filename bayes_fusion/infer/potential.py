@@ -12,6 +12,13 @@ of the change of variables (``(1 - c_r) log s_r`` per factor entry, ``log |dT/du
 so it is exact for any model; the library's models compute their log density without recording
 a Pyro trace (``log_joint``), any other model runs under :class:`~bayes_fusion.direct_elbo
 .LogJoint`.
+
+For a ``Classifier`` the sites whose first axis indexes the classes (output factor, bias, main
+effects) are sampled as class *contrasts*: softmax ignores a shift common to every class, and
+along an orthonormal basis (:func:`contrast_basis`) the i.i.d. Normal prior splits into
+independent contrasts and class mean, so the mean's posterior is its prior. The potential is
+the density of the contrasts with the mean integrated out exactly; :meth:`ModelPotential
+.complete` draws the means from their prior afterwards.
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from ..compiled import CompiledFunction
-from ..direct_elbo import LogJoint
+from ..direct_elbo import LogJoint, _bijection
 from ..guides import rank_layers
 
-__all__ = ["ModelPotential", "scaled_sites"]
+__all__ = ["ModelPotential", "contrast_basis", "scaled_sites"]
 
 DECENTERED = "_decentered"
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -133,11 +140,10 @@ class ModelPotential:
             if name in self.scaled:
                 continue
             u = params[name]
-            transform = biject_to(support)
-            x = transform(u)
-            values[name] = x
-            if transform.bijective and not _is_identity(transform):
-                log_det = log_det + transform.log_abs_det_jacobian(u, x).sum()
+            transform = _bijection(support)
+            values[name] = u if transform is None else transform(u)
+            if transform is not None:
+                log_det = log_det + transform.log_abs_det_jacobian(u, values[name]).sum()
         for name in self.scaled:
             z = params[name + DECENTERED]
             factor, log_factor = self._factor_scale(name, values)
@@ -232,8 +238,3 @@ def _class_sites(model) -> dict[str, int]:
         return {}
     shapes = layer.site_shapes()
     return {layer.site_name(short): len(shapes[short]) for short in layer.output_sites()}
-
-
-def _is_identity(transform) -> bool:
-    parts = getattr(transform, "parts", None)
-    return parts is not None and not parts
