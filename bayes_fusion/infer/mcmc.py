@@ -24,6 +24,7 @@ __all__ = [
     "centred_components",
     "chain_starts",
     "map_point",
+    "nuts_settings",
     "parallel_chains",
     "run_generic_nuts",
     "start_description",
@@ -71,16 +72,9 @@ def run_generic_nuts(
         }
     potential = ModelPotential(model, args, centered, compile=compile)
     start = potential.to_unconstrained(values if values is not None else potential.init_values)
-    dim = sum(v.numel() for v in start.values())
-    kernel_kwargs = {
-        "max_tree_depth": max_tree_depth,
-        "target_accept_prob": target_accept_prob,
-        "full_mass": dim <= 500 if full_mass == "auto" else bool(full_mass),
-    }
-    if kernel_kwargs["full_mass"] and init == "map":
-        metric = laplace_inverse_mass_matrix(potential, start)
-        if metric is not None:
-            kernel_kwargs["initial_inverse_mass_matrix"] = metric
+    kernel_kwargs = nuts_settings(
+        potential, start, max_tree_depth, target_accept_prob, full_mass, init == "map"
+    )
     seeds = torch.randint(0, 2**31 - 1, (num_chains,)).tolist()
     starts = chain_starts(start, kernel_kwargs.get("initial_inverse_mass_matrix"), num_chains)
     raw, div_idx, report = run_chains(
@@ -109,6 +103,25 @@ def run_generic_nuts(
             "the model is defined in __main__ (worker processes cannot import it)"
         )
     return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)
+
+
+def nuts_settings(
+    potential, start: dict, max_tree_depth: int, target_accept_prob: float, full_mass, laplace
+) -> dict:
+    """NUTS kernel options of both paths: a dense mass matrix (``full_mass="auto"``: up to 500
+    dimensions; it absorbs the linear correlations between scales and factors), started from
+    the Laplace approximation at ``start`` when ``laplace`` (the MAP start)."""
+    dim = sum(v.numel() for v in start.values())
+    settings = {
+        "max_tree_depth": max_tree_depth,
+        "target_accept_prob": target_accept_prob,
+        "full_mass": dim <= 500 if full_mass == "auto" else bool(full_mass),
+    }
+    if settings["full_mass"] and laplace:
+        metric = laplace_inverse_mass_matrix(potential, start)
+        if metric is not None:
+            settings["initial_inverse_mass_matrix"] = metric
+    return settings
 
 
 def centred_components(layer, point: dict[str, Tensor]) -> Tensor:

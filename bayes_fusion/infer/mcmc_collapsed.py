@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from ..marginal import CPRegressionMarginal, laplace_inverse_mass_matrix, run_chains
+from ..marginal import CPRegressionMarginal, run_chains
 from ..rank import active_components
-from .mcmc import chain_starts, map_point, parallel_chains, start_description
+from .mcmc import chain_starts, map_point, nuts_settings, parallel_chains, start_description
 from .result import FitResult
 
 __all__ = ["run_collapsed_nuts"]
@@ -48,17 +48,9 @@ def run_collapsed_nuts(
     potential = CPRegressionMarginal(model, *args, centered=centered)
     values.setdefault("noise", potential.y.std(0).clamp(min=1e-3))
     start = potential.to_unconstrained(values)
-    dim = sum(v.numel() for v in start.values())
-    kernel_kwargs = {
-        "max_tree_depth": max_tree_depth,
-        "target_accept_prob": target_accept_prob,
-        # a dense mass matrix absorbs the linear correlations between scales and factors
-        "full_mass": dim <= 500 if full_mass == "auto" else bool(full_mass),
-    }
-    if kernel_kwargs["full_mass"] and init == "map":
-        metric = laplace_inverse_mass_matrix(potential, start)
-        if metric is not None:
-            kernel_kwargs["initial_inverse_mass_matrix"] = metric
+    kernel_kwargs = nuts_settings(
+        potential, start, max_tree_depth, target_accept_prob, full_mass, init == "map"
+    )
     seeds = torch.randint(0, 2**31 - 1, (num_chains,)).tolist()
     starts = chain_starts(start, kernel_kwargs.get("initial_inverse_mass_matrix"), num_chains)
     raw, div_idx, _ = run_chains(
