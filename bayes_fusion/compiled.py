@@ -157,6 +157,15 @@ class CompiledFunction:
             with _eager_random_streams(), warnings.catch_warnings():
                 # the compiler's own use of deprecated torch APIs is nothing a caller can act on
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
+                if any(t.requires_grad for t in tensors):
+                    # the backward graph compiles on its first use: warm it here, on copies
+                    # (the caller's ``out`` keeps its own graph for its single backward pass)
+                    copies = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+                    warm = compiled(*copies)
+                    leaves = [t for t in copies if t.requires_grad]
+                    torch.autograd.grad(warm, leaves, allow_unused=True)
+                    start.restore()
                 out = compiled(*tensors)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
             first_line = (str(exc).strip().splitlines() or [""])[0][:300]
