@@ -31,6 +31,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from torch import Tensor
 
+from . import linear_gaussian
 from .layers.cp import CPFusion
 from .models import Regressor
 from .priors import half_normal_log_density
@@ -135,30 +136,16 @@ class CPRegressionMarginal:
             design = torch.cat([design, col], -1)
         return design
 
-    def _gram(self, design: Tensor, noise: Tensor):
-        """Cholesky factor of ``K_o = A^T A + sigma_o^2 I`` ``(..., P, k, k)`` and ``A^T y``."""
-        k = design.shape[-1]
-        gram = design.transpose(-1, -2) @ design  # (..., k, k)
-        eye = torch.eye(k, dtype=design.dtype, device=design.device)
-        var = noise * noise  # (..., P)
-        chol = torch.linalg.cholesky(gram.unsqueeze(-3) + var[..., None, None] * eye)
-        aty = (design.transpose(-1, -2) @ self.y).transpose(-1, -2)  # (..., P, k)
-        return chol, aty, var
-
     def log_marginal_likelihood(self, values: dict[str, Tensor]) -> Tensor:
         """``log p(y | lambda, U_1..U_M, sigma)`` with ``U_out`` and the bias integrated out.
 
         :param values: site values with optional leading draw dims.
         :returns: tensor of the leading draw shape.
         """
-        lam, noise = values[self.scale_site], values[self.noise_site]
-        design = self._design(lam, [values[s] for s in self.factor_sites])
-        n, k = design.shape[-2], design.shape[-1]
-        chol, aty, var = self._gram(design, noise)
-        v = torch.linalg.solve_triangular(chol, aty.unsqueeze(-1), upper=False).squeeze(-1)
-        quad = (self.yty - (v * v).sum(-1)) / var
-        logdet = (n - k) * var.log() + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        return -0.5 * (quad + logdet + n * math.log(2 * math.pi)).sum(-1)
+        design = self._design(values[self.scale_site], [values[s] for s in self.factor_sites])
+        return linear_gaussian.log_marginal_likelihood(
+            design, self.y, values[self.noise_site], self.yty
+        )
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
         """Potential energy (negative log joint density in unconstrained coordinates); see
@@ -190,11 +177,8 @@ class CPRegressionMarginal:
 
     # --- the integrated-out sites ---------------------------------------------------------
     def _conditional(self, values):
-        lam, noise = values[self.scale_site], values[self.noise_site]
-        design = self._design(lam, [values[s] for s in self.factor_sites])
-        chol, aty, var = self._gram(design, noise)
-        mean = torch.cholesky_solve(aty.unsqueeze(-1), chol).squeeze(-1)  # (..., P, k)
-        return mean, chol, var
+        design = self._design(values[self.scale_site], [values[s] for s in self.factor_sites])
+        return linear_gaussian.conditional_mean(design, self.y, values[self.noise_site])
 
     def _split(self, coef: Tensor, lam: Tensor) -> dict[str, Tensor]:
         """Standardized coefficients ``(..., P, k)`` -> output factor and bias values."""
@@ -213,14 +197,10 @@ class CPRegressionMarginal:
         total = values[self.scale_site].shape[0]
         for start in range(0, total, chunk):
             part = {k: v[start : start + chunk] for k, v in values.items()}
-            mean, chol, var = self._conditional(part)
-            eps = torch.randn_like(mean)
-            # c = mean + sigma L^-T eps has covariance sigma^2 (L L^T)^-1 = sigma^2 K^-1
-            noise = torch.linalg.solve_triangular(
-                chol.transpose(-1, -2), eps.unsqueeze(-1), upper=True
-            ).squeeze(-1)
-            coef = mean + var.sqrt().unsqueeze(-1) * noise
-            pieces.append(self._split(coef, part[self.scale_site]))
+            lam = part[self.scale_site]
+            design = self._design(lam, [part[s] for s in self.factor_sites])
+            coef = linear_gaussian.conditional_draw(design, self.y, part[self.noise_site])
+            pieces.append(self._split(coef, lam))
         return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
     def conditional_log_prob(self, values: dict[str, Tensor], coef_values: dict[str, Tensor]):
@@ -272,7 +252,9 @@ def run_chain(
         disable_progbar=not progress,
     )
     mcmc.run()
-    divergences = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
+    # the kernel's own record: MCMC.diagnostics() would also compute r-hat / ESS of every
+    # site, and fails for fewer than 4 draws
+    divergences = mcmc._diagnostics[0].get("divergences", [])
     report = potential.report() if hasattr(potential, "report") else {}
     return mcmc.get_samples(), [int(i) for i in divergences], report
 
