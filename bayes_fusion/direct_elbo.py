@@ -82,8 +82,13 @@ class LogJoint(Messenger):
         self.total = self.total + log_p.sum()
 
 
-def _bijection(support):
-    """``biject_to(support)``, or ``None`` where that is the identity (nothing to apply)."""
+def support_bijection(support):
+    """The bijection from unconstrained space onto ``support`` (``biject_to(support)``), or
+    ``None`` where that is the identity (nothing to apply). Shared by the fused ELBO here and
+    the generic NUTS potential (:mod:`bayes_fusion.infer.potential`).
+
+    :param support: a ``torch.distributions.constraints.Constraint``.
+    """
     transform = biject_to(support)
     if isinstance(transform, ComposeTransform) and not transform.parts:
         return None
@@ -186,7 +191,7 @@ class DirectELBO:
                 )
                 self._check_same(name, loc, loc_value)
                 self._check_same(name, scale_transform(raw), scale_value)
-                self._normal.append((name, _bijection(support)))
+                self._normal.append((name, support_bijection(support)))
                 self._params += [loc, raw]
             self._scale_transform = scale_transform
         else:
@@ -199,7 +204,7 @@ class DirectELBO:
             for name, _ in named:
                 path, _, key = name.rpartition(".")
                 self._slots.append((guide.get_submodule(path) if path else guide, key))
-            self._transforms = {name: _bijection(support) for name, support in self._sites}
+            self._transforms = {name: support_bijection(support) for name, support in self._sites}
 
     @staticmethod
     def _check_same(name: str, computed: Tensor, expected: Tensor) -> None:

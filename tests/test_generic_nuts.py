@@ -48,6 +48,10 @@ def test_xox_regression_finds_the_true_number_of_genes():
     res = _nuts(bf.Regressor(bf.XOXLinear(6, 3, genes=3)), train.inputs, train.y, num_chains=1,
                 jit_compile=True, max_tree_depth=6)  # fmt: skip
     assert res.info["path"] == "generic" and res.info["full_mass"] is True
+    # a Gaussian regression: x_out and the bias integrated out, drawn from their conditional
+    assert res.info["marginalized"] == ["layer.bias", "layer.x_out"]
+    assert res.info["compiled_potential"] is True
+    assert res.mcmc_samples["layer.x_out"].shape[-2:] == (3, 3)
     rank = bf.rank_posterior(res)["layer"]
     assert float(rank.probs[1]) >= 0.8, rank.table()
     pred = res.predict(test.inputs)["mean"]

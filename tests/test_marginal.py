@@ -214,7 +214,7 @@ def test_marginalize_option():
         init_steps=50,
         progress=False,
     )
-    assert "marginalized" not in res.info
+    assert res.info["path"] == "generic" and res.info["marginalized"] == []
     clf = bf.Classifier(bf.CPFusion((3, 4), 3, max_rank=2))
     labels = torch.zeros(50, dtype=torch.long)
     with pytest.raises(ValueError, match="marginalize: True needs a full-batch Regressor"):

@@ -5,7 +5,9 @@
   loss choice, non-finite gradients); :mod:`.batches` the rows each step sees (minibatches,
   distributed shards);
 * :mod:`.nuts` -- :func:`fit_nuts`; :mod:`.mcmc` the generic NUTS path and what the paths
-  share (MAP start, chains); :mod:`.mcmc_collapsed` the collapsed ``Regressor(CPFusion)`` path;
+  share (MAP start, chains); :mod:`.potential` its potential, :mod:`.output_marginal` the same
+  for a Gaussian regression with the output sites integrated out; :mod:`.mcmc_collapsed` the
+  collapsed ``Regressor(CPFusion)`` path;
 * :mod:`.result` -- :class:`FitResult` (draws, predict, diagnostics, save) and :func:`load`;
   :mod:`.persist` the checkpoint file format; :mod:`.faults` numerical trouble;
   :mod:`.data` model arguments and seeds.

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..guides import rank_layers
 from ..marginal import flatten_params, laplace_inverse_mass_matrix, run_chains
 from ..rank import active_components
+from .output_marginal import NonConjugateError, OutputMarginal, supports_output_marginal
 from .potential import ModelPotential
 from .result import FitResult
 from .svi import fit_svi
@@ -46,12 +47,16 @@ def run_generic_nuts(
     chain_method: str,
     full_mass,
     compile: bool,
+    collapse: str | bool = "auto",
 ) -> FitResult:
     """NUTS on any model through :class:`~.potential.ModelPotential`: factors of the
     components the MAP point finds active centred, the others non-centred (``reparam``), softmax
     class means of a ``Classifier`` drawn from their prior, a dense metric started from the
-    Laplace approximation at the MAP, chains started at draws of it. Arguments as
-    :func:`~bayes_fusion.fit_nuts`, already validated."""
+    Laplace approximation at the MAP, chains started at draws of it. With ``collapse``
+    (``"auto"``: where the prediction is linear in them; ``True``: required), a Gaussian
+    ``Regressor`` has its layer's output sites integrated out
+    (:class:`~.output_marginal.OutputMarginal`). Arguments as :func:`~bayes_fusion.fit_nuts`,
+    already validated."""
     parallel = parallel_chains(num_chains, chain_method, os.cpu_count() or 1, reserve=0)
     local = _defined_in_main(model)
     parallel = parallel and not local
@@ -70,7 +75,15 @@ def run_generic_nuts(
             layer.site_name(layer.SCALE_SITE): torch.ones(layer.rank)
             for layer in rank_layers(model).values()
         }
-    potential = ModelPotential(model, args, centered, compile=compile)
+    potential = None
+    if collapse and supports_output_marginal(model, args):  # a Gaussian regression
+        try:
+            potential = OutputMarginal(model, args, centered, compile=compile)
+        except NonConjugateError:
+            if collapse is True:
+                raise
+    if potential is None:
+        potential = ModelPotential(model, args, centered, compile=compile)
     start = potential.to_unconstrained(values if values is not None else potential.init_values)
     kernel_kwargs = nuts_settings(
         potential, start, max_tree_depth, target_accept_prob, full_mass, init == "map"
@@ -93,6 +106,7 @@ def run_generic_nuts(
         "full_mass": kernel_kwargs["full_mass"],
         "centered_components": {k: v.tolist() for k, v in potential.centered.items()},
         "class_contrasts": sorted(potential.contrasts),
+        "marginalized": sorted(getattr(potential, "collapsed", ())),
         "parallel": parallel,
         "chain_starts": start_description(kernel_kwargs),
         "compiled_potential": False,

@@ -8,6 +8,7 @@ from ..marginal import supports_marginal
 from .data import apply_seed, check_args_finite
 from .mcmc import run_generic_nuts
 from .mcmc_collapsed import run_collapsed_nuts
+from .output_marginal import supports_output_marginal
 from .result import FitResult
 
 __all__ = ["fit_nuts"]
@@ -41,7 +42,10 @@ def fit_nuts(
     every other model takes the generic path (:class:`~bayes_fusion.infer.potential
     .ModelPotential`: the model's own log density, factors of the components the MAP finds
     active centred and the others non-centred, a ``Classifier``'s class means drawn from their
-    prior). Both start from the best of ``MAP_RESTARTS`` (3) MAP fits by default, with a
+    prior; a full-batch Gaussian ``Regressor`` around any other rank layer, or with main
+    effects, has its layer's output sites integrated out the same way,
+    :mod:`bayes_fusion.infer.output_marginal`; ``info["marginalized"]`` again names them).
+    Both start from the best of ``MAP_RESTARTS`` (3) MAP fits by default, with a
     metric from the Laplace approximation there; ``info["path"]`` says which path ran.
 
     :param model: a Pyro model, e.g. ``Regressor(CPFusion(...))`` or any user PyroModule.
@@ -68,8 +72,11 @@ def fit_nuts(
     :param max_tree_depth: NUTS maximum tree depth.
     :param target_accept_prob: NUTS step-size adaptation target.
     :param chain_method: ``"auto"``, ``"parallel"`` or ``"sequential"``.
-    :param marginalize: ``"auto"``: the collapsed path where it applies; ``True``: require it;
-        ``False``: the generic path.
+    :param marginalize: ``"auto"``: integrate the output sites out where the model allows
+        (a full-batch Gaussian ``Regressor``: the collapsed path for ``CPFusion`` without main
+        effects, else the generic path with :class:`~bayes_fusion.infer.output_marginal
+        .OutputMarginal`); ``True``: require it; ``False``: the generic path, every site
+        sampled.
     :param full_mass: dense mass matrix started from the Laplace approximation at the MAP
         (``"auto"``: up to 500 dimensions), else a diagonal one started from the identity.
     :returns: :class:`FitResult` with ``mcmc_samples`` (site -> ``(chains, draws, ...)``)
@@ -87,11 +94,10 @@ def fit_nuts(
     check_choice("chain_method", chain_method, ("auto", "parallel", "sequential"))
     check_choice("marginalize", marginalize, ("auto", True, False))
     check_choice("full_mass", full_mass, ("auto", True, False))
-    if marginalize is True and not supports_marginal(model):
+    if marginalize is True and not supports_output_marginal(model, args):
         raise ValueError(
-            "marginalize: True needs a full-batch Regressor(CPFusion(...)) without main "
-            "effects (Gaussian likelihood, conjugate output factor), got "
-            f"{type(model).__name__}"
+            "marginalize: True needs a full-batch Regressor around a rank layer (Gaussian "
+            f"likelihood, conjugate output sites), got {type(model).__name__}"
         )
     check_choice("jit_compile", jit_compile, ("auto", True, False))
     if jit_compile == "auto":  # Pyro's handlers (a user model's sites) do not trace whole
@@ -104,5 +110,5 @@ def fit_nuts(
         )
     return run_generic_nuts(
         *common, reparam, init, init_steps, max_tree_depth, target_accept_prob, chain_method,
-        full_mass, jit_compile,
+        full_mass, jit_compile, marginalize,
     )  # fmt: skip

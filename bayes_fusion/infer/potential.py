@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from ..compiled import CompiledFunction
-from ..direct_elbo import LogJoint, _bijection
+from ..direct_elbo import LogJoint, support_bijection
 from ..guides import rank_layers
 
 __all__ = ["ModelPotential", "contrast_basis", "scaled_sites"]
@@ -140,7 +140,7 @@ class ModelPotential:
             if name in self.scaled:
                 continue
             u = params[name]
-            transform = _bijection(support)
+            transform = support_bijection(support)
             values[name] = u if transform is None else transform(u)
             if transform is not None:
                 log_det = log_det + transform.log_abs_det_jacobian(u, values[name]).sum()

@@ -195,8 +195,8 @@ class FitResult:
         if bad or sum(divergences):
             warnings.warn(
                 f"MCMC diagnostics: {sum(divergences)} divergent transitions; r-hat > 1.01 "
-                f"for {sorted(bad)}. Run more warm-up, raise target_accept_prob, or use "
-                "reparam=True.",
+                f"for {sorted(bad)}. Run longer chains (more warm-up and draws), raise "
+                "target_accept_prob (divergences) or max_tree_depth (slow mixing).",
                 RuntimeWarning,
                 stacklevel=2,
             )
