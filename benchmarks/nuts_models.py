@@ -113,8 +113,10 @@ def run_case(name: str, factory, args, held_out, draws: int, **options) -> dict:
         "path": res.info["path"],
         "parallel": res.info["parallel"],
         "compiled": res.info["compiled_potential"],
+        "marginalized": res.info["marginalized"],
     }
-    for label, key in (("lambda", scale), ("pred", "predictive mean")):
+    relevance = next(k for k in diag["r_hat"] if k.endswith("relevance (sorted)"))
+    for label, key in (("lambda", scale), ("relevance", relevance), ("pred", "predictive mean")):
         row[f"r_hat_{label}"] = diag["r_hat"][key]
         row[f"ess_{label}"] = diag["ess"][key]
     print(f"[nuts_models] {row}", flush=True)
@@ -125,15 +127,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = scored_section.table_head(
         "NUTS on every model (generic path), 2 chains",
         meta,
-        ["model", "warm-up + draws", "wall (s)", "divergences", "r-hat / ESS sorted lambda",
+        ["model", "integrated out", "warm-up + draws", "wall (s)", "divergences",
+         "r-hat / ESS sorted lambda", "r-hat / ESS sorted relevance",
          "r-hat / ESS held-out predictive mean", "targets met"],
     )  # fmt: skip
     for r in rows:
         met = (r["divergences"] == 0 and max(r["r_hat_lambda"], r["r_hat_pred"]) <= 1.01
                and min(r["ess_lambda"], r["ess_pred"]) >= 400 and r["seconds"] < 180)  # fmt: skip
         lines.append(
-            f"| {r['model']} | {r['draws']} + {r['draws']} | {r['seconds']:.0f} | "
+            f"| {r['model']} | {', '.join(r['marginalized']) or '-'} | "
+            f"{r['draws']} + {r['draws']} | {r['seconds']:.0f} | "
             f"{r['divergences']} | {r['r_hat_lambda']:.3f} / {r['ess_lambda']:.0f} | "
+            f"{r['r_hat_relevance']:.3f} / {r['ess_relevance']:.0f} | "
             f"{r['r_hat_pred']:.3f} / {r['ess_pred']:.0f} | {'yes' if met else 'no'} |"
         )
     return "\n".join(lines) + "\n"

@@ -776,7 +776,7 @@ def bench_distributed(rep, device, quick, out):
 
 def bench_scored(name, quick, out):
     """A section that scores predictions instead of timing them (``benchmarks/<name>.py``:
-    ``classification``, ``calibration`` or ``nuts_models``) writes its own table,
+    ``classification``, ``calibration``, ``nuts_models`` or ``sbc``) writes its own table,
     ``<name>.md``; returns it."""
     import importlib
 
@@ -818,7 +818,7 @@ def main(argv=None):
         nargs="*",
         default=None,
         help="subset: cp_forward cp_memory xox svi numpyro scaling throughput nuts distributed "
-        "classification calibration nuts_models",
+        "classification calibration nuts_models sbc",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -844,6 +844,7 @@ def main(argv=None):
         "classification": lambda: extra.append(bench_scored("classification", q, out)),
         "calibration": lambda: extra.append(bench_scored("calibration", q, out)),
         "nuts_models": lambda: extra.append(bench_scored("nuts_models", q, out)),
+        "sbc": lambda: extra.append(bench_scored("sbc", q, out)),
     }
     for name, run in sections.items():
         if args.only is None or name in args.only:

@@ -47,3 +47,39 @@ def test_benchmarks_quick_writes_table(tmp_path):
     assert "## NUTS on every model" in table
     nuts = json.loads((tmp_path / "nuts_models.json").read_text())["rows"]
     assert nuts and all(r["path"] == "generic" and r["r_hat_pred"] >= 1.0 for r in nuts)
+    # simulation-based calibration: ranks of the prior draws' truths, a histogram per quantity
+    assert "## Simulation-based calibration" in table
+    sbc = json.loads((tmp_path / "sbc.json").read_text())
+    assert {(s["guide"], s["quantity"]) for s in sbc["summary"]} == {
+        (g, q) for g in ("nuts", "meanfield") for q in ("lambda", "pred")
+    }
+    for s in sbc["summary"]:
+        key = f"ranks_{s['quantity']}"
+        ranks = [v for r in sbc["rows"] if r["guide"] == s["guide"] for v in r[key]]
+        assert sum(s["counts"]) == len(ranks) and all(0 <= v <= 19 for v in ranks)
+    assert (tmp_path / "sbc.png").stat().st_size > 0
+
+
+def test_sbc_ranks_are_uniform_for_an_exact_posterior_and_not_for_an_overconfident_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import sbc
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    torch.manual_seed(0)
+    # theta ~ N(0, 1), y ~ N(theta, 1): the posterior is N(y / 2, 1 / 2)
+    theta = torch.randn(600)
+    y = theta + torch.randn(600)
+    exact, narrow = [], []
+    for t, obs in zip(theta, y, strict=True):
+        eps = torch.randn(sbc.DRAWS)
+        exact += sbc.rank_statistic(obs / 2 + eps * 0.5**0.5, t).tolist()
+        narrow += sbc.rank_statistic(obs / 2 + eps * 0.5**0.5 / 3, t).tolist()
+    good, bad = sbc.uniformity(exact), sbc.uniformity(narrow)
+    assert good["p_value"] > 1e-3 and abs(good["outer_10"] - 0.1) < 0.04
+    assert bad["p_value"] < 1e-6 and bad["outer_10"] > 0.4
+    assert sum(good["counts"]) == 600 and len(good["counts"]) == sbc.BINS
+    chains = torch.arange(2 * 30.0).reshape(2, 30)  # thin: evenly over both chains
+    assert sbc.thin(chains, 6).tolist() == [0.0, 14.0, 29.0, 30.0, 44.0, 59.0]
