@@ -124,10 +124,11 @@ class CPRegressionMarginal:
         return values
 
     # --- densities -----------------------------------------------------------------------
-    def _design(self, lam: Tensor, factors: list[Tensor]) -> Tensor:
-        """``A = [Phi * s, bias_scale * 1]``: ``(..., N, k)``."""
+    def _design(self, values: dict[str, Tensor]) -> Tensor:
+        """``A = [Phi * s, bias_scale * 1]`` ``(..., N, k)`` at site values (any leading dims)."""
+        lam = values[self.scale_site]
         phi = None
-        for x, u in zip(self.xs, factors, strict=True):
+        for x, u in zip(self.xs, [values[s] for s in self.factor_sites], strict=True):
             proj = x @ u
             phi = proj if phi is None else phi * proj
         design = phi * (lam + self.eps).unsqueeze(-2)
@@ -142,9 +143,8 @@ class CPRegressionMarginal:
         :param values: site values with optional leading draw dims.
         :returns: tensor of the leading draw shape.
         """
-        design = self._design(values[self.scale_site], [values[s] for s in self.factor_sites])
         return linear_gaussian.log_marginal_likelihood(
-            design, self.y, values[self.noise_site], self.yty
+            self._design(values), self.y, values[self.noise_site], self.yty
         )
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
@@ -177,8 +177,9 @@ class CPRegressionMarginal:
 
     # --- the integrated-out sites ---------------------------------------------------------
     def _conditional(self, values):
-        design = self._design(values[self.scale_site], [values[s] for s in self.factor_sites])
-        return linear_gaussian.conditional_mean(design, self.y, values[self.noise_site])
+        return linear_gaussian.conditional_mean(
+            self._design(values), self.y, values[self.noise_site]
+        )
 
     def _split(self, coef: Tensor, lam: Tensor) -> dict[str, Tensor]:
         """Standardized coefficients ``(..., P, k)`` -> output factor and bias values."""
@@ -197,10 +198,10 @@ class CPRegressionMarginal:
         total = values[self.scale_site].shape[0]
         for start in range(0, total, chunk):
             part = {k: v[start : start + chunk] for k, v in values.items()}
-            lam = part[self.scale_site]
-            design = self._design(lam, [part[s] for s in self.factor_sites])
-            coef = linear_gaussian.conditional_draw(design, self.y, part[self.noise_site])
-            pieces.append(self._split(coef, lam))
+            coef = linear_gaussian.conditional_draw(
+                self._design(part), self.y, part[self.noise_site]
+            )
+            pieces.append(self._split(coef, part[self.scale_site]))
         return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
     def conditional_log_prob(self, values: dict[str, Tensor], coef_values: dict[str, Tensor]):

@@ -96,11 +96,17 @@ class OutputMarginal(ModelPotential):
     def _unit_rows(self) -> dict[str, Tensor]:
         """Short name -> value of every output site with ``K`` rows, row ``j`` of the stacked
         entries being ``e_j`` (so the layer's output is the design ``D``)."""
-        sizes = [math.prod(shape[1:]) for _, shape in self.collapsed.values()]
-        eye = torch.eye(sum(sizes), dtype=self._dtype())
+        size = sum(math.prod(shape[1:]) for _, shape in self.collapsed.values())
+        split = self._split(torch.eye(size, dtype=self._dtype()))
+        return {short: split[name] for name, (short, _) in self.collapsed.items()}
+
+    def _split(self, flat: Tensor) -> dict[str, Tensor]:
+        """Rows of stacked output-site entries ``(R, K)`` -> full site name -> ``(R, ...)``, the
+        site's entries in its own shape (``R`` outputs, or ``K`` unit rows)."""
         out, start = {}, 0
-        for (short, shape), size in zip(self.collapsed.values(), sizes, strict=True):
-            out[short] = eye[:, start : start + size].reshape((eye.shape[0],) + tuple(shape[1:]))
+        for name, (_, shape) in self.collapsed.items():
+            size = math.prod(shape[1:])
+            out[name] = flat[:, start : start + size].reshape((flat.shape[0],) + tuple(shape[1:]))
             start += size
         return out
 
@@ -166,11 +172,8 @@ class OutputMarginal(ModelPotential):
             point = {k: v[i] for k, v in flat.items()}
             design, std, _ = self.design(point)
             coef = linear_gaussian.conditional_draw(design, self.y, point["noise"]) * std
-            start = 0
-            for name, (_, shape) in self.collapsed.items():
-                size = math.prod(shape[1:])
-                draws[name].append(coef[:, start : start + size].reshape(shape))
-                start += size
+            for name, value in self._split(coef).items():
+                draws[name].append(value)
         out = dict(values)
         for name, (_, shape) in self.collapsed.items():
             out[name] = torch.stack(draws[name]).reshape(lead + tuple(shape))
