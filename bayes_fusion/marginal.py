@@ -244,7 +244,8 @@ def run_chain(
     pyro.set_rng_seed(seed)
     kernel_kwargs = dict(kernel_kwargs)
     metric = kernel_kwargs.pop("initial_inverse_mass_matrix", None)
-    kernel = _nuts_with_initial_metric(metric)(potential_fn=potential, **kernel_kwargs)
+    kernel_class = _with_gibbs_block(_nuts_with_initial_metric(metric), potential)
+    kernel = kernel_class(potential_fn=potential, **kernel_kwargs)
     mcmc = MCMC(
         kernel,
         num_samples=num_samples,
@@ -257,7 +258,7 @@ def run_chain(
     # site, and fails for fewer than 4 draws
     divergences = mcmc._diagnostics[0].get("divergences", [])
     report = potential.report() if hasattr(potential, "report") else {}
-    return mcmc.get_samples(), [int(i) for i in divergences], report
+    return {**mcmc.get_samples(), **kernel.block_draws()}, [int(i) for i in divergences], report
 
 
 def run_chains(
@@ -359,3 +360,39 @@ def _nuts_with_initial_metric(metric):
                     self._adapter.reset_step_size_adaptation(self._initial_params)
 
     return _NUTS
+
+
+def _with_gibbs_block(cls, potential):
+    """``cls`` (a NUTS class) with the Gibbs block of ``potential`` after every NUTS step,
+    when it has one (``gibbs_init`` / ``gibbs_update``, e.g. the Polya-Gamma variables of
+    :class:`~bayes_fusion.infer.polya_gamma.PolyaGammaPotential`): the potential changes with
+    the block's state, so the cached energy is dropped after each update. ``block_draws()``:
+    the block's draws after warm-up, ``{COEF_SITE: (S, K)}`` (``{}`` without a block)."""
+    if not hasattr(potential, "gibbs_update"):
+
+        class _Plain(cls):
+            def block_draws(self):
+                return {}
+
+        return _Plain
+
+    from .infer.polya_gamma import COEF_SITE
+
+    class _Gibbs(cls):
+        def setup(self, warmup_steps, *args, **kwargs):
+            self.potential_fn.gibbs_init(self.initial_params)
+            self._block_draws = []
+            super().setup(warmup_steps, *args, **kwargs)
+
+        def sample(self, params):
+            z = super().sample(params)
+            draw = self.potential_fn.gibbs_update(z)
+            self.clear_cache()
+            if self._t > self._warmup_steps:
+                self._block_draws.append(draw)
+            return z
+
+        def block_draws(self):
+            return {COEF_SITE: torch.stack(self._block_draws)} if self._block_draws else {}
+
+    return _Gibbs

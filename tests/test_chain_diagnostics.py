@@ -92,9 +92,10 @@ def test_collapsed_chains_start_apart_and_are_diagnosed_on_held_out_predictions(
 
 
 def test_generic_nuts_classifier_reports_its_chain_starts():
-    data = make_cp_classification((3, 2), 2, rank=1, num_data=60, seed=0)
+    # 3 classes: the softmax path (a binary classifier takes the Polya-Gamma one)
+    data = make_cp_classification((3, 2), 3, rank=1, num_data=60, seed=0)
     res = bf.fit(
-        bf.Classifier(bf.CPFusion((3, 2), 2, max_rank=2)),
+        bf.Classifier(bf.CPFusion((3, 2), 3, max_rank=2)),
         data.inputs,
         data.y,
         guide="nuts",

@@ -15,6 +15,7 @@ from ..guides import rank_layers
 from ..marginal import flatten_params, laplace_inverse_mass_matrix, run_chains
 from ..rank import active_components
 from .output_marginal import NonConjugateError, OutputMarginal, supports_output_marginal
+from .polya_gamma import PolyaGammaPotential, supports_polya_gamma
 from .potential import ModelPotential
 from .result import FitResult
 from .svi import fit_svi
@@ -24,6 +25,7 @@ __all__ = [
     "START_JITTER",
     "centred_components",
     "chain_starts",
+    "generic_potential",
     "map_point",
     "nuts_settings",
     "parallel_chains",
@@ -55,8 +57,10 @@ def run_generic_nuts(
     Laplace approximation at the MAP, chains started at draws of it. With ``collapse``
     (``"auto"``: where the prediction is linear in them; ``True``: required), a Gaussian
     ``Regressor`` has its layer's output sites integrated out
-    (:class:`~.output_marginal.OutputMarginal`). Arguments as :func:`~bayes_fusion.fit_nuts`,
-    already validated."""
+    (:class:`~.output_marginal.OutputMarginal`), a binary ``Classifier`` too, given
+    Polya-Gamma variables that a Gibbs block redraws after every NUTS step
+    (:class:`~.polya_gamma.PolyaGammaPotential`). Arguments as
+    :func:`~bayes_fusion.fit_nuts`, already validated."""
     parallel = parallel_chains(num_chains, chain_method, os.cpu_count() or 1, reserve=0)
     local = _defined_in_main(model)
     parallel = parallel and not local
@@ -75,16 +79,10 @@ def run_generic_nuts(
             layer.site_name(layer.SCALE_SITE): torch.ones(layer.rank)
             for layer in rank_layers(model).values()
         }
-    potential = None
-    if collapse and supports_output_marginal(model, args):  # a Gaussian regression
-        try:
-            potential = OutputMarginal(model, args, centered, compile=compile)
-        except NonConjugateError:
-            if collapse is True:
-                raise
-    if potential is None:
-        potential = ModelPotential(model, args, centered, compile=compile)
+    potential = generic_potential(model, args, centered, compile, collapse)
     start = potential.to_unconstrained(values if values is not None else potential.init_values)
+    if hasattr(potential, "gibbs_init"):  # the Laplace metric sees the start's likelihood
+        potential.gibbs_init(start)
     kernel_kwargs = nuts_settings(
         potential, start, max_tree_depth, target_accept_prob, full_mass, init == "map"
     )
@@ -107,6 +105,7 @@ def run_generic_nuts(
         "centered_components": {k: v.tolist() for k, v in potential.centered.items()},
         "class_contrasts": sorted(potential.contrasts),
         "marginalized": sorted(getattr(potential, "collapsed", ())),
+        "polya_gamma": isinstance(potential, PolyaGammaPotential),
         "parallel": parallel,
         "chain_starts": start_description(kernel_kwargs),
         "compiled_potential": False,
@@ -117,6 +116,25 @@ def run_generic_nuts(
             "the model is defined in __main__ (worker processes cannot import it)"
         )
     return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)
+
+
+def generic_potential(model, args: tuple, centered: dict, compile: bool, collapse):
+    """The generic path's potential: the output sites integrated out where ``collapse`` allows
+    and the model is conjugate in them (:class:`~.output_marginal.OutputMarginal` for a
+    Gaussian ``Regressor``, :class:`~.polya_gamma.PolyaGammaPotential` for a binary
+    ``Classifier``), else :class:`~.potential.ModelPotential` (every site sampled)."""
+    conjugate = {
+        OutputMarginal: supports_output_marginal,
+        PolyaGammaPotential: supports_polya_gamma,
+    }
+    for kind, supports in conjugate.items():
+        if collapse and supports(model, args):  # a Gaussian regression, a binary classifier
+            try:
+                return kind(model, args, centered, compile=compile)
+            except NonConjugateError:
+                if collapse is True:
+                    raise
+    return ModelPotential(model, args, centered, compile=compile)
 
 
 def nuts_settings(

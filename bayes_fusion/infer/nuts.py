@@ -9,6 +9,7 @@ from .data import apply_seed, check_args_finite
 from .mcmc import run_generic_nuts
 from .mcmc_collapsed import run_collapsed_nuts
 from .output_marginal import supports_output_marginal
+from .polya_gamma import supports_polya_gamma
 from .result import FitResult
 
 __all__ = ["fit_nuts"]
@@ -44,7 +45,10 @@ def fit_nuts(
     active centred and the others non-centred, a ``Classifier``'s class means drawn from their
     prior; a full-batch Gaussian ``Regressor`` around any other rank layer, or with main
     effects, has its layer's output sites integrated out the same way,
-    :mod:`bayes_fusion.infer.output_marginal`; ``info["marginalized"]`` again names them).
+    :mod:`bayes_fusion.infer.output_marginal`; ``info["marginalized"]`` again names them; a
+    full-batch binary ``Classifier`` has them integrated out given Polya-Gamma variables,
+    redrawn by a Gibbs block after every NUTS step, :mod:`bayes_fusion.infer.polya_gamma`,
+    ``info["polya_gamma"]``).
     Both start from the best of ``MAP_RESTARTS`` (3) MAP fits by default, with a
     metric from the Laplace approximation there; ``info["path"]`` says which path ran.
 
@@ -75,8 +79,9 @@ def fit_nuts(
     :param marginalize: ``"auto"``: integrate the output sites out where the model allows
         (a full-batch Gaussian ``Regressor``: the collapsed path for ``CPFusion`` without main
         effects, else the generic path with :class:`~bayes_fusion.infer.output_marginal
-        .OutputMarginal`); ``True``: require it; ``False``: the generic path, every site
-        sampled.
+        .OutputMarginal`; a full-batch binary ``Classifier``: :class:`~bayes_fusion.infer
+        .polya_gamma.PolyaGammaPotential`); ``True``: require it; ``False``: the generic
+        path, every site sampled.
     :param full_mass: dense mass matrix started from the Laplace approximation at the MAP
         (``"auto"``: up to 500 dimensions), else a diagonal one started from the identity.
     :returns: :class:`FitResult` with ``mcmc_samples`` (site -> ``(chains, draws, ...)``)
@@ -94,10 +99,11 @@ def fit_nuts(
     check_choice("chain_method", chain_method, ("auto", "parallel", "sequential"))
     check_choice("marginalize", marginalize, ("auto", True, False))
     check_choice("full_mass", full_mass, ("auto", True, False))
-    if marginalize is True and not supports_output_marginal(model, args):
+    conjugate = supports_output_marginal(model, args) or supports_polya_gamma(model, args)
+    if marginalize is True and not conjugate:
         raise ValueError(
-            "marginalize: True needs a full-batch Regressor around a rank layer (Gaussian "
-            f"likelihood, conjugate output sites), got {type(model).__name__}"
+            "marginalize: True needs a full-batch Regressor or binary Classifier around a rank "
+            f"layer (Gaussian or logistic likelihood, output sites), got {type(model).__name__}"
         )
     check_choice("jit_compile", jit_compile, ("auto", True, False))
     if jit_compile == "auto":  # Pyro's handlers (a user model's sites) do not trace whole

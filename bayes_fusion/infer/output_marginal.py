@@ -28,7 +28,7 @@ from ..layers.base import RankLayer
 from ..models import Regressor
 from .potential import ModelPotential
 
-__all__ = ["NonConjugateError", "OutputMarginal", "supports_output_marginal"]
+__all__ = ["LinearOutputs", "NonConjugateError", "OutputMarginal", "supports_output_marginal"]
 
 
 class NonConjugateError(ValueError):
@@ -56,37 +56,33 @@ def _rows(y) -> int:
     return y.shape[0] if torch.is_tensor(y) else -1
 
 
-class OutputMarginal(ModelPotential):
-    """Potential of a Gaussian ``Regressor`` with its layer's output sites integrated out (see
-    the module doc); the other sites take :class:`ModelPotential`'s coordinates.
+class LinearOutputs(ModelPotential):
+    """What every potential with the layer's output sites integrated out shares: the sites
+    leave the sampled coordinates, the design ``D`` ``(N, K)`` comes from the layer's own output
+    at unit rows of them, and linearity is checked once at the start. Subclasses add the
+    likelihood (:class:`OutputMarginal`: Gaussian; :class:`~.polya_gamma.PolyaGammaPotential`:
+    logistic, through Polya-Gamma variables).
 
-    :param model: a model for which :func:`supports_output_marginal` holds.
-    :param args: ``(inputs, y)``: the layer's inputs and targets ``(N, P)`` / ``(N,)``.
+    :param model: a model whose ``layer`` is a rank layer with output sites.
+    :param args: ``(inputs, y)``.
     :param centered: as :class:`ModelPotential`.
     :param compile: as :class:`ModelPotential`.
-    :raises ValueError: when the model is not such a regression; :class:`NonConjugateError`
-        (a ``ValueError``) when its prediction is not linear in the output sites.
+    :raises NonConjugateError: when the prediction is not linear in the output sites.
     """
 
     def __init__(self, model, args: tuple, centered=None, compile: bool = False) -> None:
-        if not supports_output_marginal(model, args):
-            raise ValueError(
-                "model: integrating the output sites out needs a full-batch Regressor around a "
-                f"rank layer with output sites, got {type(model).__name__}"
-            )
         super().__init__(model, args, centered, compile)
         layer = model.layer
         self.layer = layer
         self.inputs = args[0]
         self.outputs = layer.out_features
-        self.y = Regressor._check_targets(args[1], _rows(args[1]), self.outputs, self._dtype())
-        self.yty = (self.y * self.y).sum(0)
         shapes = layer.site_shapes()
         # full site name -> (short name, shape)
         self.collapsed = {layer.site_name(s): (s, shapes[s]) for s in layer.output_sites()}
         for name in self.collapsed:
             self.sites.pop(name)
             self.scaled.pop(name, None)
+            self.contrasts.pop(name, None)
         self.unit_rows = self._unit_rows()
         self._check_linear()
 
@@ -123,6 +119,13 @@ class OutputMarginal(ModelPotential):
         """At one point of the other sites: the standardized design ``A = D * s`` ``(N, K)``,
         the prior stds ``s`` ``(K,)`` of the output-site entries, and the log prior density of
         the layer's other sites (scalar)."""
+        std, log_prior = self.output_stds(values)
+        design = self.layer.apply({**self._rest(values), **self.unit_rows}, self.inputs)
+        return design * std, std, log_prior
+
+    def output_stds(self, values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """At one point of the other sites: the prior stds ``s`` ``(K,)`` of the output-site
+        entries (equal along the output axis) and the log prior of the other sites (scalar)."""
         given = self._rest(values)
         log_prior, stds = 0.0, []
         for short, prior in self.layer.site_priors(given):
@@ -131,9 +134,7 @@ class OutputMarginal(ModelPotential):
                 stds.append(scale[0].reshape(-1))
             else:
                 log_prior = log_prior + prior.log_prob(given[short]).sum()
-        std = torch.cat(stds)
-        design = self.layer.apply({**given, **self.unit_rows}, self.inputs)
-        return design * std, std, log_prior
+        return torch.cat(stds), log_prior
 
     def _check_linear(self) -> None:
         """The layer's output at random output-site values equals ``D w`` (else this potential
@@ -151,6 +152,29 @@ class OutputMarginal(ModelPotential):
                 f"model: {type(self.layer).__name__}'s output is not linear in its output "
                 f"sites {sorted(self.collapsed)}; they cannot be integrated out"
             )
+
+
+class OutputMarginal(LinearOutputs):
+    """Potential of a Gaussian ``Regressor`` with its layer's output sites integrated out (see
+    the module doc); the other sites take :class:`ModelPotential`'s coordinates.
+
+    :param model: a model for which :func:`supports_output_marginal` holds.
+    :param args: ``(inputs, y)``: the layer's inputs and targets ``(N, P)`` / ``(N,)``.
+    :param centered: as :class:`ModelPotential`.
+    :param compile: as :class:`ModelPotential`.
+    :raises ValueError: when the model is not such a regression; :class:`NonConjugateError`
+        (a ``ValueError``) when its prediction is not linear in the output sites.
+    """
+
+    def __init__(self, model, args: tuple, centered=None, compile: bool = False) -> None:
+        if not supports_output_marginal(model, args):
+            raise ValueError(
+                "model: integrating the output sites out needs a full-batch Regressor around a "
+                f"rank layer with output sites, got {type(model).__name__}"
+            )
+        super().__init__(model, args, centered, compile)
+        self.y = Regressor._check_targets(args[1], _rows(args[1]), self.outputs, self._dtype())
+        self.yty = (self.y * self.y).sum(0)
 
     def potential(self, params: dict[str, Tensor]) -> Tensor:
         """Potential energy at one point of the unconstrained coordinates (scalar): the other
