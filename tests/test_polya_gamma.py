@@ -4,12 +4,14 @@ rebuilt from the chain's draws, the compiled potential following omega, and NUTS
 on data with a known answer."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_classification
+from bayes_fusion.infer.diagnostics import r_hat_and_ess
 from bayes_fusion.infer.polya_gamma import COEF_SITE, PolyaGammaPotential, supports_polya_gamma
 from tests.test_output_marginal import _dense_design
 
@@ -176,3 +178,28 @@ def test_marginalize_option_switches_the_augmentation():
     assert runs[False].info["class_contrasts"] == ["layer.bias", "layer.main_effects",
                                                    "layer.out_factor"]  # fmt: skip
     assert runs[True].mcmc_samples["layer.out_factor"].shape == (1, 3, 2, 2)
+
+
+@pytest.mark.slow
+def test_gibbs_chain_and_plain_nuts_agree_on_a_small_posterior():
+    # the Polya-Gamma sweep must leave the model's own posterior invariant: on a problem small
+    # enough for NUTS on every site to mix, both give the same predictive probabilities, up to
+    # Monte Carlo error (standard errors from each point's ESS)
+    data = make_cp_classification((2, 3), 2, rank=1, num_data=80, seed=3)
+    train, test = data.split(60)
+    means, errors = {}, {}
+    for option in (True, False):
+        model = bf.Classifier(bf.CPFusion((2, 3), 2, max_rank=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # short chains may warn
+            res = bf.fit(model, train.inputs, train.y, guide="nuts", num_samples=300,
+                         warmup_steps=200, num_chains=2, progress=False, seed=1,
+                         init_steps=300, marginalize=option, max_tree_depth=6)  # fmt: skip
+        assert res.info["polya_gamma"] is option
+        draws = res.predict(test.inputs, return_samples=True)["samples"][..., 1]
+        chains = draws.reshape(2, 300, -1)
+        ess = torch.tensor([r_hat_and_ess(chains[..., j])[1] for j in range(draws.shape[-1])])
+        means[option], errors[option] = draws.mean(0), draws.std(0) / ess.sqrt()
+    z = (means[True] - means[False]) / (errors[True] ** 2 + errors[False] ** 2).sqrt()
+    assert float(z.abs().max()) < 4.5, z
+    assert float((means[True] - means[False]).abs().mean()) < 0.02

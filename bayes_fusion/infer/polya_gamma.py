@@ -32,6 +32,7 @@ import math
 
 import numpy as np
 import torch
+from polyagamma import random_polyagamma
 from torch import Tensor
 
 from ..layers.base import RankLayer
@@ -138,8 +139,6 @@ class PolyaGammaPotential(LinearOutputs):
     def gibbs_update(self, params: dict[str, Tensor]) -> Tensor:
         """One Gibbs sweep after a NUTS step at ``params``: draw ``c | omega, rest``, then
         ``omega | c, rest`` (in place). :returns: the draw of ``c`` ``(K,)``."""
-        from polyagamma import random_polyagamma
-
         if self._rng is None:  # seeded from torch's RNG, which each chain seeds
             self._rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
         with torch.no_grad():
