@@ -10,6 +10,11 @@ mean of a held-out row is the noise-free fusion output. A calibrated posterior c
 nominal rate on average over replications (within one data set the held-out points share the
 posterior's errors, so single-replication coverage scatters more than binomially). Writes
 ``DIR/calibration.md`` and ``DIR/calibration.json``.
+
+``--task binary``: the same for a binary ``Classifier(CPFusion(..., max_rank=4))`` on labels
+drawn from a rank-2 CP fusion's logits (:func:`bayes_fusion.datasets.make_cp_classification`,
+logit std 3); the quantity is the class-1 probability of each held-out row, its truth the
+generating model's. Writes ``DIR/calibration_binary.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import scored_section
 import torch
 
 import bayes_fusion as bf
-from bayes_fusion.datasets import make_cp_regression
+from bayes_fusion.datasets import make_cp_classification, make_cp_regression
 from bayes_fusion.ops import cp_fusion
 
 SIZES, OUT, RANK, MAX_RANK = (4, 5, 3), 2, 2, 4
@@ -37,12 +42,26 @@ def coverage(draws: torch.Tensor, truth: torch.Tensor, level: float) -> float:
     return float(((lo <= truth) & (truth <= hi)).double().mean())
 
 
-def replication(seed: int, guides, quick: bool) -> list[dict]:
-    """Fit every guide to one simulated data set; coverage of each at each level."""
+def problem(task: str, seed: int):
+    """One simulated data set of ``task``: ``(model factory, train, test, truth (N, P), pick)``
+    with ``pick`` mapping ``predict``'s draws to the quantity's draws ``(S, N, P)``."""
+    if task == "binary":
+        data = make_cp_classification(SIZES, 2, rank=RANK, num_data=500, seed=seed)
+        train, test = data.split(300)
+        truth = data.truth["probs"][300:, 1:]
+        return (lambda: bf.Classifier(bf.CPFusion(SIZES, 2, max_rank=MAX_RANK)), train, test,
+                truth, lambda samples: samples[..., 1:])  # fmt: skip
     data = make_cp_regression(SIZES, OUT, rank=RANK, num_data=500, noise=0.1, seed=seed)
     train, test = data.split(300)
     factors = [data.truth[f"factor_{m}"] for m in range(len(SIZES))]
     truth = cp_fusion(test.inputs, factors, data.truth["out_factor"])
+    return (lambda: bf.Regressor(bf.CPFusion(SIZES, OUT, max_rank=MAX_RANK)), train, test,
+            truth, lambda samples: samples)  # fmt: skip
+
+
+def replication(seed: int, guides, quick: bool, task: str = "regression") -> list[dict]:
+    """Fit every guide to one simulated data set; coverage of each at each level."""
+    factory, train, test, truth, pick = problem(task, seed)
     rows = []
     for guide in guides:
         if guide == "nuts":
@@ -50,7 +69,7 @@ def replication(seed: int, guides, quick: bool) -> list[dict]:
             options = {"num_samples": draws, "warmup_steps": draws, "num_chains": 2}
         else:
             options = {"num_steps": 300 if quick else 3000}
-        model = bf.Regressor(bf.CPFusion(SIZES, OUT, max_rank=MAX_RANK))
+        model = factory()
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # short quick runs warn
@@ -59,10 +78,10 @@ def replication(seed: int, guides, quick: bool) -> list[dict]:
         seconds = time.perf_counter() - start
         pred = result.predict(test.inputs, num_samples=1000, return_samples=True, seed=seed)
         row = {"seed": seed, "guide": guide, "seconds": seconds}
-        row.update({f"coverage_{level}": coverage(pred["samples"], truth, level)
+        row.update({f"coverage_{level}": coverage(pick(pred["samples"]), truth, level)
                     for level in LEVELS})  # fmt: skip
         rows.append(row)
-        print(f"[calibration] seed {seed} {guide}: {row}", flush=True)
+        print(f"[calibration] {task} seed {seed} {guide}: {row}", flush=True)
     return rows
 
 
@@ -81,9 +100,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(summary: list[dict], meta: dict) -> str:
+def markdown(summary: list[dict], meta: dict, task: str = "regression") -> str:
+    what = "class-1 probability, binary classifier" if task == "binary" else "predictive-mean"
     lines = scored_section.table_head(
-        "Calibration (coverage of held-out predictive-mean intervals)",
+        f"Calibration (coverage of held-out {what} intervals)",
         meta,
         ["guide", "replications", "50% interval coverage (min-max)",
          "90% interval coverage (min-max)", "fit (s)", "90% within 85-95%"],
@@ -102,18 +122,21 @@ def markdown(summary: list[dict], meta: dict) -> str:
 
 
 def main(argv=None):
-    def replications_option(parser):
+    def options(parser):
         parser.add_argument("--replications", type=int, default=None, help="data sets (default 4)")
+        parser.add_argument("--task", choices=("regression", "binary"), default="regression")
 
-    args = scored_section.parse_args(
-        __doc__, argv, "one replication, short runs", replications_option
-    )
+    args = scored_section.parse_args(__doc__, argv, "one replication, short runs", options)
     replications = args.replications or (1 if args.quick else 4)
     start = time.perf_counter()
-    rows = [r for seed in range(replications) for r in replication(seed, GUIDES, args.quick)]
+    rows = [r for seed in range(replications)
+            for r in replication(seed, GUIDES, args.quick, args.task)]  # fmt: skip
     summary = summarize(rows)
-    payload = {"rows": rows, "summary": summary}
-    scored_section.write(args, "calibration", start, lambda meta: markdown(summary, meta), payload)
+    payload = {"rows": rows, "summary": summary, "task": args.task}
+    name = "calibration" if args.task == "regression" else f"calibration_{args.task}"
+    scored_section.write(
+        args, name, start, lambda meta: markdown(summary, meta, args.task), payload
+    )
     return summary
 
 

@@ -83,3 +83,20 @@ def test_sbc_ranks_are_uniform_for_an_exact_posterior_and_not_for_an_overconfide
     assert sum(good["counts"]) == 600 and len(good["counts"]) == sbc.BINS
     chains = torch.arange(2 * 30.0).reshape(2, 30)  # thin: evenly over both chains
     assert sbc.thin(chains, 6).tolist() == [0.0, 14.0, 29.0, 30.0, 44.0, 59.0]
+
+
+def test_binary_calibration_problem_scores_the_true_class_probability():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import calibration
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    factory, train, test, truth, pick = calibration.problem("binary", seed=0)
+    assert truth.shape == (200, 1) and bool(((truth > 0) & (truth < 1)).all())
+    assert train.y.shape == (300,) and factory().layer.out_features == 2
+    probs = torch.stack([1 - truth[:, 0], truth[:, 0]], -1)  # draws that are all the truth
+    draws = pick(probs.expand(50, -1, -1))
+    assert calibration.coverage(draws, truth, 0.5) == 1.0
+    assert calibration.coverage(draws + 0.1, truth, 0.9) == 0.0
