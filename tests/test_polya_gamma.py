@@ -203,3 +203,13 @@ def test_gibbs_chain_and_plain_nuts_agree_on_a_small_posterior():
     z = (means[True] - means[False]) / (errors[True] ** 2 + errors[False] ** 2).sqrt()
     assert float(z.abs().max()) < 4.5, z
     assert float((means[True] - means[False]).abs().mean()) < 0.02
+
+
+def test_polya_gamma_path_non_centres_every_component_unless_asked_not_to():
+    data = make_cp_classification((3, 2), 2, rank=1, num_data=50, seed=2)
+    for reparam, expected in ((True, [0.0, 0.0]), (False, [1.0, 1.0])):
+        model = bf.Classifier(bf.CPFusion((3, 2), 2, max_rank=2))
+        res = bf.fit(model, data.inputs, data.y, guide="nuts", num_samples=3, warmup_steps=3,
+                     init_steps=30, reparam=reparam, progress=False)  # fmt: skip
+        assert res.info["polya_gamma"] is True
+        assert res.info["centered_components"] == {"layer.rank_scale": expected}

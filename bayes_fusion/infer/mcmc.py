@@ -79,7 +79,7 @@ def run_generic_nuts(
             layer.site_name(layer.SCALE_SITE): torch.ones(layer.rank)
             for layer in rank_layers(model).values()
         }
-    potential = generic_potential(model, args, centered, compile, collapse)
+    potential = generic_potential(model, args, centered, compile, collapse, reparam)
     start = potential.to_unconstrained(values if values is not None else potential.init_values)
     if hasattr(potential, "gibbs_init"):  # the Laplace metric sees the start's likelihood
         potential.gibbs_init(start)
@@ -118,17 +118,23 @@ def run_generic_nuts(
     return FitResult(model, None, "nuts", args, mcmc_samples=samples, info=info)
 
 
-def generic_potential(model, args: tuple, centered: dict, compile: bool, collapse):
+def generic_potential(
+    model, args: tuple, centered: dict, compile: bool, collapse, reparam: bool = True
+):
     """The generic path's potential: the output sites integrated out where ``collapse`` allows
     and the model is conjugate in them (:class:`~.output_marginal.OutputMarginal` for a
     Gaussian ``Regressor``, :class:`~.polya_gamma.PolyaGammaPotential` for a binary
-    ``Classifier``), else :class:`~.potential.ModelPotential` (every site sampled)."""
+    ``Classifier``), else :class:`~.potential.ModelPotential` (every site sampled). With
+    ``reparam``, a potential whose ``CENTRE_ACTIVE`` is false non-centres every component
+    instead of the ``centered`` ones."""
     conjugate = {
         OutputMarginal: supports_output_marginal,
         PolyaGammaPotential: supports_polya_gamma,
     }
     for kind, supports in conjugate.items():
         if collapse and supports(model, args):  # a Gaussian regression, a binary classifier
+            if reparam and not kind.CENTRE_ACTIVE:
+                centered = {}  # every component non-centred
             try:
                 return kind(model, args, centered, compile=compile)
             except NonConjugateError:

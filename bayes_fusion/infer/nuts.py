@@ -62,7 +62,8 @@ def fit_nuts(
     :param seed: RNG seed; ``None`` leaves RNGs alone.
     :param progress: show progress bars.
     :param reparam: generic path: non-centre the factors of the components the MAP start finds
-        inactive (all of them with ``init="default"``); ``False``: the model's own (centred)
+        inactive (all of them with ``init="default"``, and on a binary classifier's
+        Polya-Gamma path, where that mixed best); ``False``: the model's own (centred)
         coordinates.
     :param init: ``"map"``: start from the best of 3 MAP fits; ``"default"``: the layers' own
         initial values (other sites: a draw from their prior).

@@ -70,6 +70,10 @@ class LinearOutputs(ModelPotential):
     :raises NonConjugateError: when the prediction is not linear in the output sites.
     """
 
+    #: whether NUTS centres the components the MAP finds active (``reparam=True``); else all
+    #: are non-centred
+    CENTRE_ACTIVE = True
+
     def __init__(self, model, args: tuple, centered=None, compile: bool = False) -> None:
         super().__init__(model, args, centered, compile)
         layer = model.layer
