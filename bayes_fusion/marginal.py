@@ -244,7 +244,7 @@ def run_chain(
     pyro.set_rng_seed(seed)
     kernel_kwargs = dict(kernel_kwargs)
     metric = kernel_kwargs.pop("initial_inverse_mass_matrix", None)
-    kernel_class = _with_gibbs_block(_nuts_with_initial_metric(metric), potential)
+    kernel_class = _with_gibbs_block(_nuts_with_initial_metric(metric))
     kernel = kernel_class(potential_fn=potential, **kernel_kwargs)
     mcmc = MCMC(
         kernel,
@@ -362,37 +362,32 @@ def _nuts_with_initial_metric(metric):
     return _NUTS
 
 
-def _with_gibbs_block(cls, potential):
-    """``cls`` (a NUTS class) with the Gibbs block of ``potential`` after every NUTS step,
+def _with_gibbs_block(cls):
+    """``cls`` (a NUTS class) with the Gibbs block of its ``potential_fn`` after every NUTS step,
     when it has one (``gibbs_init`` / ``gibbs_update``, e.g. the Polya-Gamma variables of
     :class:`~bayes_fusion.infer.polya_gamma.PolyaGammaPotential`): the potential changes with
     the block's state, so the cached energy is dropped after each update. ``block_draws()``:
-    the block's draws after warm-up, ``{COEF_SITE: (S, K)}`` (``{}`` without a block)."""
-    if not hasattr(potential, "gibbs_update"):
-
-        class _Plain(cls):
-            def block_draws(self):
-                return {}
-
-        return _Plain
-
-    from .infer.polya_gamma import COEF_SITE
+    the block's draws after warm-up, name -> ``(S, ...)`` (``{}`` without a block)."""
 
     class _Gibbs(cls):
         def setup(self, warmup_steps, *args, **kwargs):
-            self.potential_fn.gibbs_init(self.initial_params)
             self._block_draws = []
+            if hasattr(self.potential_fn, "gibbs_update"):
+                self.potential_fn.gibbs_init(self.initial_params)
             super().setup(warmup_steps, *args, **kwargs)
 
         def sample(self, params):
             z = super().sample(params)
-            draw = self.potential_fn.gibbs_update(z)
-            self.clear_cache()
-            if self._t > self._warmup_steps:
-                self._block_draws.append(draw)
+            if hasattr(self.potential_fn, "gibbs_update"):
+                draw = self.potential_fn.gibbs_update(z)
+                self.clear_cache()
+                if self._t > self._warmup_steps:
+                    self._block_draws.append(draw)
             return z
 
         def block_draws(self):
-            return {COEF_SITE: torch.stack(self._block_draws)} if self._block_draws else {}
+            if not self._block_draws:
+                return {}
+            return {k: torch.stack([d[k] for d in self._block_draws]) for k in self._block_draws[0]}
 
     return _Gibbs

@@ -88,7 +88,7 @@ def test_gibbs_block_draws_its_gaussian_and_polya_gamma_conditionals():
     torch.manual_seed(0)
     for _ in range(3000):
         pot.omega.copy_(omega)
-        draws.append(pot.gibbs_update(params))
+        draws.append(pot.gibbs_update(params)[COEF_SITE])
         omegas.append((pot.omega.clone(), a @ draws[-1]))
     coef = torch.stack(draws)
     sem = cov.diagonal().sqrt() / len(draws) ** 0.5

@@ -142,9 +142,9 @@ class PolyaGammaPotential(LinearOutputs):
                 eta = (design @ self._conditional(design)[0]).abs().clamp(min=1e-6)
                 self.omega.copy_(torch.tanh(eta / 2) / (2 * eta))
 
-    def gibbs_update(self, params: dict[str, Tensor]) -> Tensor:
+    def gibbs_update(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """One Gibbs sweep after a NUTS step at ``params``: draw ``c | omega, rest``, then
-        ``omega | c, rest`` (in place). :returns: the draw of ``c`` ``(K,)``."""
+        ``omega | c, rest`` (in place). :returns: ``{COEF_SITE: c}``, ``c`` ``(K,)``."""
         if self._rng is None:  # seeded from torch's RNG, which each chain seeds
             self._rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
         with torch.no_grad():
@@ -155,7 +155,7 @@ class PolyaGammaPotential(LinearOutputs):
             eta = (design @ coef).cpu().double().numpy()
             omega = random_polyagamma(1.0, eta, random_state=self._rng)
             self.omega.copy_(torch.as_tensor(omega, dtype=self.omega.dtype))
-        return coef
+        return {COEF_SITE: coef}
 
     # --- draws -----------------------------------------------------------------------------
     def constrain(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
