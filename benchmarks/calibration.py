@@ -101,9 +101,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], meta: dict, task: str = "regression") -> str:
-    what = "class-1 probability, binary classifier" if task == "binary" else "predictive-mean"
+    title = "Calibration (coverage of held-out predictive-mean intervals)"
+    if task == "binary":
+        title = (
+            "Calibration, binary classifier (coverage of held-out class-1 probability intervals)"
+        )
     lines = scored_section.table_head(
-        f"Calibration (coverage of held-out {what} intervals)",
+        title,
         meta,
         ["guide", "replications", "50% interval coverage (min-max)",
          "90% interval coverage (min-max)", "fit (s)", "90% within 85-95%"],
