@@ -192,12 +192,12 @@ def test_gibbs_chain_and_plain_nuts_agree_on_a_small_posterior():
         model = bf.Classifier(bf.CPFusion((2, 3), 2, max_rank=1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # short chains may warn
-            res = bf.fit(model, train.inputs, train.y, guide="nuts", num_samples=300,
-                         warmup_steps=200, num_chains=2, progress=False, seed=1,
+            res = bf.fit(model, train.inputs, train.y, guide="nuts", num_samples=200,
+                         warmup_steps=150, num_chains=2, progress=False, seed=1,
                          init_steps=300, marginalize=option, max_tree_depth=6)  # fmt: skip
         assert res.info["polya_gamma"] is option
         draws = res.predict(test.inputs, return_samples=True)["samples"][..., 1]
-        chains = draws.reshape(2, 300, -1)
+        chains = draws.reshape(2, 200, -1)
         ess = torch.tensor([r_hat_and_ess(chains[..., j])[1] for j in range(draws.shape[-1])])
         means[option], errors[option] = draws.mean(0), draws.std(0) / ess.sqrt()
     z = (means[True] - means[False]) / (errors[True] ** 2 + errors[False] ** 2).sqrt()
