@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -100,3 +102,56 @@ def test_binary_calibration_problem_scores_the_true_class_probability():
     draws = pick(probs.expand(50, -1, -1))
     assert calibration.coverage(draws, truth, 0.5) == 1.0
     assert calibration.coverage(draws + 0.1, truth, 0.9) == 0.0
+
+
+def test_numpyro_twin_has_the_log_density_of_our_classifier():
+    """The NumPyro classifier of benchmarks/numpyro_nuts.py (the ESS/s reference) is the model
+    of ``Classifier(CPFusion)``: at a random point its log density (non-centred factors z)
+    equals ours (factors f = (lambda + eps) z) minus the Jacobian of f -> z."""
+    pytest.importorskip("numpyro")
+    import jax
+    import numpy as np
+    import pyro
+    import torch
+    from numpyro.infer.util import log_density
+
+    import bayes_fusion as bf
+    from bayes_fusion.datasets import make_cp_classification
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import numpyro_nuts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    jax.config.update("jax_enable_x64", True)
+    sizes, rank = (3, 2), 3
+    data = make_cp_classification(sizes, 3, rank=2, num_data=40, seed=0)
+    inputs = [x.double() for x in data.inputs]
+    model = bf.Classifier(bf.CPFusion(sizes, 3, max_rank=rank)).double()
+    torch.manual_seed(0)
+    trace = pyro.poutine.trace(model).get_trace(inputs, data.y)
+    point = {
+        name: site["value"].detach()
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+    point["layer.rank_scale"] = torch.rand(rank, dtype=torch.float64) + 0.5
+    ours = pyro.poutine.trace(pyro.poutine.condition(model, data=point)).get_trace(inputs, data.y)
+    std = point["layer.rank_scale"] + 1e-3
+    factors = [point[f"layer.factor_{m}"] for m in range(len(sizes))]
+    out_factor = point["layer.out_factor"]
+    values = {
+        "lam": point["layer.rank_scale"],
+        "z_out": out_factor / std,
+        "bias": point["layer.bias"],
+        "main": point["layer.main_effects"],
+        **{f"z_{m}": f / std for m, f in enumerate(factors)},
+    }
+    jacobian = std.log().sum() * (sum(f.shape[0] for f in factors) + out_factor.shape[0])
+    twin, _ = numpyro_nuts.twin_model("categorical", rank, 3)
+    xs = [np.asarray(x.numpy()) for x in inputs]
+    theirs, _ = log_density(
+        twin, (xs, np.asarray(data.y.numpy())), {}, {k: np.asarray(v) for k, v in values.items()}
+    )
+    expected = float(ours.log_prob_sum()) + float(jacobian)
+    assert abs(float(theirs) - expected) < 1e-8 * max(1.0, abs(expected))
