@@ -242,6 +242,8 @@ def run_chain(
         torch.set_num_threads(threads)
     pyro.enable_validation(validate)
     pyro.set_rng_seed(seed)
+    if hasattr(potential, "evaluations"):
+        potential.evaluations = 0  # this chain's count (a sequential run reuses the potential)
     kernel_kwargs = dict(kernel_kwargs)
     metric = kernel_kwargs.pop("initial_inverse_mass_matrix", None)
     kernel_class = _with_gibbs_block(_nuts_with_initial_metric(metric))
@@ -267,7 +269,7 @@ def run_chains(
     """Run one chain per entry of ``inits`` (its start, unconstrained coordinates), in
     parallel processes (spawned, one thread share each) or one after another.
     :returns: ``(samples name -> (C, S, ...), divergences per chain, the first chain's
-    potential report)``."""
+    potential report; its ``potential_evaluations``, if any, a list per chain)``."""
     validate = pyro.infer.util.is_validation_enabled()
     jobs = [
         (potential, init, num_samples, warmup_steps, int(s), kernel_kwargs)
@@ -279,7 +281,10 @@ def run_chains(
     else:
         runs = [run_chain(*job, None, progress, validate) for job in jobs]
     samples = {k: torch.stack([r[0][k] for r in runs]) for k in runs[0][0]}
-    return samples, [r[1] for r in runs], runs[0][2]
+    report = dict(runs[0][2])
+    if "potential_evaluations" in report:  # per chain
+        report["potential_evaluations"] = [r[2]["potential_evaluations"] for r in runs]
+    return samples, [r[1] for r in runs], report
 
 
 def _run_in_processes(jobs: list[tuple], threads: int) -> list:

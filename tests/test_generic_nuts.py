@@ -70,6 +70,10 @@ def test_user_model_with_its_own_likelihood_runs_parallel_chains():
     assert res.info["parallel"] is ((os.cpu_count() or 1) >= 2)
     lam = res.posterior_samples(group_by_chain=True)["layer.rank_scale"]
     assert lam.shape == (2, 60, 2) and not torch.equal(lam[0], lam[1])
+    # per chain, potential evaluations per iteration: at least one leapfrog step, at most a
+    # full tree of depth 6 (plus the step-size searches of warm-up)
+    steps = res.info["steps_per_iteration"]
+    assert len(steps) == 2 and all(1 <= s <= 2**6 + 5 for s in steps), steps
     # the posterior mean log rate follows the true one
     log_rate = res.predict(data.inputs)["mean"][:, 0]
     truth = 0.7 * data.y[:, 0]

@@ -111,6 +111,10 @@ def run_generic_nuts(
         "compiled_potential": False,
         **report,
     }
+    if "potential_evaluations" in report:  # leapfrog steps (and step-size search) per iteration
+        info["steps_per_iteration"] = [
+            n / (num_samples + warmup_steps) for n in report["potential_evaluations"]
+        ]
     if local and num_chains > 1:
         info["sequential_reason"] = (
             "the model is defined in __main__ (worker processes cannot import it)"

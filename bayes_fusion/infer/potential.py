@@ -73,6 +73,8 @@ class ModelPotential:
         self.model = model
         self.compile = compile
         self._compiled = None
+        #: calls of the potential (with its gradient: one per leapfrog step of NUTS)
+        self.evaluations = 0
         self.args = args
         with torch.no_grad(), poutine.block():
             trace = poutine.trace(model).get_trace(*args)
@@ -201,6 +203,7 @@ class ModelPotential:
         """The potential (NUTS's ``potential_fn``): with ``compile``, through one
         ``torch.compile`` graph per pass (:class:`~bayes_fusion.compiled.CompiledFunction`,
         eager if compiling fails), else :meth:`potential`."""
+        self.evaluations += 1
         if not self.compile:
             return self.potential(params)
         if self._compiled is None:
@@ -209,12 +212,18 @@ class ModelPotential:
             return self._compiled(params)
 
     def report(self) -> dict:
-        """What the fit's ``info`` says of this potential's computation."""
+        """What the fit's ``info`` says of this potential's computation: its number of
+        evaluations, and whether it was compiled."""
+        out = {"potential_evaluations": self.evaluations}
         if self._compiled is None:
-            return {}
+            return out
         if self._compiled.failed is not None:
-            return {"compiled_potential": False, "compile_failure": self._compiled.failed}
-        return {"compiled_potential": True, "compile_seconds": self._compiled.compile_seconds}
+            return {**out, "compiled_potential": False, "compile_failure": self._compiled.failed}
+        return {
+            **out,
+            "compiled_potential": True,
+            "compile_seconds": self._compiled.compile_seconds,
+        }
 
     def __getstate__(self):
         return {**self.__dict__, "_compiled": None}  # compiled code does not pickle
