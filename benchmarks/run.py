@@ -637,6 +637,8 @@ def bench_nuts(rep, device, quick):
     for name, kw in cases:
         kw = dict(kw)
         n = kw.pop("draws", draws)
+        if quick:  # a smoke test: short MAP starts and trees
+            kw.update(init_steps=200, max_tree_depth=5)
         model = bf.Regressor(bf.CPFusion((4, 5, 3), 2, max_rank=4)).to(device)
         inputs = [x.to(device) for x in data.inputs]
         t0 = time.perf_counter()

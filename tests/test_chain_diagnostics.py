@@ -78,6 +78,7 @@ def test_collapsed_chains_start_apart_and_are_diagnosed_on_held_out_predictions(
         num_chains=2,
         chain_method="sequential",
         init_steps=150,
+        max_tree_depth=6,
         progress=False,
     )
     assert "Laplace" in res.info["chain_starts"]
