@@ -123,6 +123,7 @@ def run_case(name: str, factory, args, held_out, draws: int, **options) -> dict:
         "parallel": res.info["parallel"],
         "compiled": res.info["compiled_potential"],
         "marginalized": res.info["marginalized"],
+        "steps_per_iteration": res.info.get("steps_per_iteration"),
     }
     relevance = next(k for k in diag["r_hat"] if k.endswith("relevance (sorted)"))
     for label, key in (("lambda", scale), ("relevance", relevance), ("pred", "predictive mean")):
