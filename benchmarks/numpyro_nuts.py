@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         progress_bar=False,
     )
     start = time.perf_counter()
-    mcmc.run(jax.random.PRNGKey(args.seed), xs, y, extra_fields=("diverging",))
+    mcmc.run(jax.random.PRNGKey(args.seed), xs, y, extra_fields=("diverging", "num_steps"))
     samples = mcmc.get_samples(group_by_chain=True)
     jax.block_until_ready(samples["lam"])
     seconds = time.perf_counter() - start
@@ -145,6 +145,9 @@ def main(argv=None) -> None:
         "min_ess_sorted_lambda": float(np.min(effective_sample_size(lam_sorted))),
         "max_rhat_sorted_lambda": float(np.max(split_gelman_rubin(lam_sorted))),
         "divergences": int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum()),
+        # leapfrog steps per draw after warm-up (bayes_fusion's steps_per_iteration counts
+        # warm-up too)
+        "steps_per_draw": float(np.asarray(mcmc.get_extra_fields()["num_steps"]).mean()),
         "numpyro": numpyro.__version__,
         "dense_mass": args.dense,
         "likelihood": args.likelihood,

@@ -165,23 +165,25 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = scored_section.table_head(
         "NUTS on every model (generic path), 2 chains",
         meta,
-        ["model", "integrated out", "warm-up + draws", "wall (s)", "divergences",
-         "r-hat / ESS sorted lambda", "r-hat / ESS sorted relevance",
+        ["model", "integrated out", "warm-up + draws", "wall (s)", "steps / iteration",
+         "divergences", "r-hat / ESS sorted lambda", "r-hat / ESS sorted relevance",
          "r-hat / ESS held-out predictive mean", "targets met", "NumPyro twin", "vs NumPyro"],
     )  # fmt: skip
     for r in rows:
         met = (r["divergences"] == 0 and max(r["r_hat_lambda"], r["r_hat_pred"]) <= 1.01
                and min(r["ess_lambda"], r["ess_pred"]) >= 400 and r["seconds"] < 180)  # fmt: skip
         twin, versus = "-", "-"
+        steps = "/".join(f"{v:.0f}" for v in r.get("steps_per_iteration") or []) or "-"
         if r.get("numpyro"):
             n = r["numpyro"]
-            twin = (f"{n['seconds']:.0f} s, {n['divergences']} div., lambda "
+            twin = (f"{n['seconds']:.0f} s, {n['steps_per_draw']:.0f} steps / draw, "
+                    f"{n['divergences']} div., lambda "
                     f"{n['max_rhat_sorted_lambda']:.3f} / {n['min_ess_sorted_lambda']:.0f}, pred. "
                     f"{n['max_rhat_pred']:.3f} / {n['min_ess_pred']:.0f}")  # fmt: skip
-            versus = f"{r['vs_numpyro']:.1f}x"
+            versus = f"{r['vs_numpyro']:.3g}x"
         lines.append(
             f"| {r['model']} | {', '.join(r['marginalized']) or '-'} | "
-            f"{r['draws']} + {r['draws']} | {r['seconds']:.0f} | "
+            f"{r['draws']} + {r['draws']} | {r['seconds']:.0f} | {steps} | "
             f"{r['divergences']} | {r['r_hat_lambda']:.3f} / {r['ess_lambda']:.0f} | "
             f"{r['r_hat_relevance']:.3f} / {r['ess_relevance']:.0f} | "
             f"{r['r_hat_pred']:.3f} / {r['ess_pred']:.0f} | {'yes' if met else 'no'} | "
