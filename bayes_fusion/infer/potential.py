@@ -39,9 +39,6 @@ from ..guides import rank_layers
 __all__ = ["ModelPotential", "contrast_basis", "scaled_sites"]
 
 DECENTERED = "_decentered"
-#: polar coordinates of a factor column ``z`` (:attr:`ModelPotential.POLAR`): its log norm and
-#: an unnormalized direction ``v`` (``z = exp(log_norm) v / |v|``)
-LOG_NORM, DIRECTION = "_log_norm", "_direction"
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -66,13 +63,6 @@ class ModelPotential:
         (:class:`~bayes_fusion.compiled.CompiledFunction`), compiled on first use.
     """
 
-    #: sample each factor column ``z`` (``(d, R)`` per site) in polar coordinates: the log of
-    #: its norm and an unnormalized direction ``v`` with an auxiliary ``Normal(0, I)`` density
-    #: (``z = |z| v / |v|``; exact: ``v``'s length is independent of everything else). The
-    #: likelihood of a CP layer sees a product of its columns' norms, a curved ridge in ``z``
-    #: that is linear in the log norms, where a dense metric follows it.
-    POLAR = False
-
     def __init__(
         self,
         model,
@@ -82,7 +72,6 @@ class ModelPotential:
     ) -> None:
         self.model = model
         self.compile = compile
-        self.polar = self.POLAR
         self._compiled = None
         #: calls of the potential (with its gradient: one per leapfrog step of NUTS)
         self.evaluations = 0
@@ -142,13 +131,7 @@ class ModelPotential:
             if name in self.contrasts:
                 value = self._rotate(name, value, inverse=True)
             if name in self.scaled:
-                z = value / self._factor_scale(name, values)[0]
-                if self.polar and z.shape[-2] >= 2:  # one row: a sign, no direction to move
-                    norm = z.norm(dim=-2).clamp_min(1e-12)  # (R,)
-                    out[name + LOG_NORM] = norm.log()
-                    out[name + DIRECTION] = z / norm * z.shape[-2] ** 0.5  # |v| in its bulk
-                else:
-                    out[name + DECENTERED] = z
+                out[name + DECENTERED] = value / self._factor_scale(name, values)[0]
             else:
                 out[name] = biject_to(support).inv(value)
         return {k: v.detach().clone() for k, v in out.items()}
@@ -164,11 +147,7 @@ class ModelPotential:
             if transform is not None:
                 log_det = log_det + transform.log_abs_det_jacobian(u, values[name]).sum()
         for name in self.scaled:
-            if name + LOG_NORM in params:
-                z, log_polar = _from_polar(params[name + LOG_NORM], params[name + DIRECTION])
-                log_det = log_det + log_polar
-            else:
-                z = params[name + DECENTERED]
+            z = params[name + DECENTERED]
             factor, log_factor = self._factor_scale(name, values)
             values[name] = z * factor
             log_det = log_det + z.shape[-2] * log_factor.sum(-1)
@@ -248,18 +227,6 @@ class ModelPotential:
 
     def __getstate__(self):
         return {**self.__dict__, "_compiled": None}  # compiled code does not pickle
-
-
-def _from_polar(log_norm: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
-    """Factor columns ``z`` ``(..., d, R)`` from their log norms ``(..., R)`` and unnormalized
-    directions ``v`` ``(..., d, R)``, and the log density term ``(...)`` of the change of
-    variables: ``d log|z|`` per column (polar ``|z|^(d-1) d|z|``, and ``d|z| = |z| dlog|z|``)
-    plus ``v``'s auxiliary ``Normal(0, I)`` density (its direction is uniform, as ``z``'s
-    must be given its norm; its length is independent of the rest)."""
-    length = direction.pow(2).sum(-2, keepdim=True).sqrt()
-    z = log_norm.exp().unsqueeze(-2) * direction / length
-    log_det = direction.shape[-2] * log_norm.sum(-1) - 0.5 * direction.pow(2).sum((-2, -1))
-    return z, log_det
 
 
 def contrast_basis(classes: int, dtype=None, device=None) -> Tensor:
