@@ -67,8 +67,8 @@ def replication(seed: int, guides, quick: bool, task: str = "regression") -> lis
         if guide == "nuts":
             draws = 30 if quick else 500
             options = {"num_samples": draws, "warmup_steps": draws, "num_chains": 2}
-            if quick:  # a smoke test: short MAP starts and trees
-                options.update(init_steps=200, max_tree_depth=5)
+            if quick:
+                options.update(scored_section.QUICK_NUTS)
         else:
             options = {"num_steps": 300 if quick else 3000}
         model = factory()

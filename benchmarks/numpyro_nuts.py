@@ -24,10 +24,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 MISSING = 3
+
+
+def run_twin(inputs, y, held_out=None, *, max_rank: int, draws: int, likelihood="normal",
+             dense=False) -> dict | None:  # fmt: skip
+    """Run this script on torch data in a fresh process (JAX's device count is set before it
+    starts): ``inputs`` / ``held_out`` M tensors ``(N, d_m)``, ``y`` targets ``(N, P)`` or labels
+    ``(N,)``. Returns its JSON record, ``None`` when numpyro is not installed.
+
+    :raises RuntimeError: when the run fails (its stderr's end in the message).
+    """
+    import numpy as np
+
+    arrays = {f"x{m}": x.double().numpy() for m, x in enumerate(inputs)}
+    arrays.update({f"h{m}": x.double().numpy() for m, x in enumerate(held_out or [])})
+    target = y.double().numpy() if y.is_floating_point() else y.numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data.npz"
+        np.savez(path, y=target, **arrays)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--data", str(path), "--max-rank",
+               str(max_rank), "--draws", str(draws), "--likelihood", likelihood]  # fmt: skip
+        proc = subprocess.run(cmd + (["--dense"] if dense else []), capture_output=True, text=True)
+    if proc.returncode == MISSING:
+        return None
+    if proc.returncode != 0:
+        raise RuntimeError(f"numpyro NUTS baseline failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def twin_model(likelihood: str, rank: int, out: int):

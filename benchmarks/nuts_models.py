@@ -18,16 +18,13 @@ means' (the issue's target: >= 10x). Writes ``DIR/nuts_models.md`` and ``DIR/nut
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
+import numpyro_nuts
 import pyro
 import pyro.distributions as dist
 import scored_section
@@ -133,29 +130,6 @@ def run_case(name: str, factory, args, held_out, draws: int, **options) -> dict:
     return row
 
 
-def numpyro_twin(likelihood: str, args, held_out, draws: int) -> dict | None:
-    """The model by hand in NumPyro, plain NUTS on the same data (``numpyro_nuts.py``): its JSON
-    record, ``None`` when numpyro is not installed."""
-    inputs, y = args
-    arrays = {f"x{m}": x.double().numpy() for m, x in enumerate(inputs)}
-    arrays.update({f"h{m}": x.double().numpy() for m, x in enumerate(held_out)})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "data.npz"
-        np.savez(path, y=y.numpy(), **arrays)
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / "numpyro_nuts.py"),
-               "--data", str(path), "--max-rank", str(MAX_RANK), "--draws", str(draws),
-               "--likelihood", likelihood]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 3:
-        print("[nuts_models] NumPyro twin skipped: numpyro is not installed", flush=True)
-        return None
-    if proc.returncode != 0:
-        raise RuntimeError(f"numpyro NUTS twin failed: {proc.stderr[-2000:]}")
-    record = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"[nuts_models] NumPyro twin: {record}", flush=True)
-    return record
-
-
 def ess_per_second(ess_lambda: float, ess_pred: float, seconds: float) -> float:
     """The smaller ESS of the two diagnosed quantities per second of wall time."""
     return min(ess_lambda, ess_pred) / seconds
@@ -200,7 +174,7 @@ def main(argv=None):
 
     args = scored_section.parse_args(__doc__, argv, "a smoke test: one model, 20 draws", options)
     draws = args.draws or (20 if args.quick else 500)
-    quick = {"init_steps": 200, "max_tree_depth": 5} if args.quick else {}
+    quick = scored_section.QUICK_NUTS if args.quick else {}
     only = args.only or (QUICK_MODELS if args.quick else None)
     # the user model must be importable by the chains' worker processes
     here = str(Path(__file__).resolve().parent)
@@ -219,7 +193,9 @@ def main(argv=None):
             continue
         row = run_case(name, factory, train_args, held_out, draws, **quick)
         if name in NUMPYRO_TWINS and not args.no_numpyro:
-            twin = numpyro_twin(NUMPYRO_TWINS[name], train_args, held_out, draws)
+            twin = numpyro_nuts.run_twin(*train_args, held_out, max_rank=MAX_RANK, draws=draws,
+                                         likelihood=NUMPYRO_TWINS[name])  # fmt: skip
+            print(f"[nuts_models] NumPyro twin: {twin or 'skipped (no numpyro)'}", flush=True)
             if twin is not None:
                 ours = ess_per_second(row["ess_lambda"], row["ess_pred"], row["seconds"])
                 theirs = ess_per_second(twin["min_ess_sorted_lambda"], twin["min_ess_pred"],

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import scored_section  # noqa: E402
 from baselines import (  # noqa: E402
     HandMAP,
     SeedLowRankFusion,
@@ -637,8 +638,8 @@ def bench_nuts(rep, device, quick):
     for name, kw in cases:
         kw = dict(kw)
         n = kw.pop("draws", draws)
-        if quick:  # a smoke test: short MAP starts and trees
-            kw.update(init_steps=200, max_tree_depth=5)
+        if quick:
+            kw.update(scored_section.QUICK_NUTS)
         model = bf.Regressor(bf.CPFusion((4, 5, 3), 2, max_rank=4)).to(device)
         inputs = [x.to(device) for x in data.inputs]
         t0 = time.perf_counter()
@@ -685,42 +686,30 @@ def _numpyro_nuts_rows(rep, group, data, draws, ours_ess_per_s):
     """The same regression by hand in NumPyro, plain NUTS (benchmarks/numpyro_nuts.py), with a
     diagonal and a dense mass matrix; the ratio is our collapsed path's ESS/s over NumPyro's
     (issue 16 target: >= 10x). Skipped cleanly without numpyro."""
-    import tempfile
+    import numpyro_nuts
 
-    import numpy as np
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "data.npz"
-        arrays = {f"x{m}": x.double().numpy() for m, x in enumerate(data.inputs)}
-        np.savez(path, y=data.y.double().numpy(), **arrays)
-        for dense in (False, True):
-            cmd = [sys.executable, str(Path(__file__).resolve().parent / "numpyro_nuts.py"),
-                   "--data", str(path), "--max-rank", "4", "--draws", str(draws)]  # fmt: skip
-            proc = subprocess.run(cmd + (["--dense"] if dense else []), capture_output=True,
-                                  text=True)  # fmt: skip
-            if proc.returncode == 3:
-                print("[nuts] NumPyro baseline skipped: numpyro is not installed", flush=True)
-                return
-            if proc.returncode != 0:
-                raise RuntimeError(f"numpyro NUTS baseline failed: {proc.stderr[-2000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            ess_per_s = r["min_ess_sorted_lambda"] / r["seconds"]
-            metric = "dense" if dense else "diagonal"
-            rep.rows.append(
-                {
-                    "group": group,
-                    "name": f"NumPyro NUTS by hand, non-centred, {metric} mass matrix, {draws} "
-                    f"warm-up + {draws} draws per chain (collapsed ESS/s vs NumPyro's)",
-                    "ms": r["seconds"] * 1e3,
-                    "spread": 0.0,
-                    "ratio": ours_ess_per_s / max(ess_per_s, 1e-12),
-                    "target": ">=10x",
-                    "note": f"min ESS sorted lambda {r['min_ess_sorted_lambda']:.0f}, r-hat "
-                    f"{r['max_rhat_sorted_lambda']:.3f}, {ess_per_s:.2f} ESS/s, "
-                    f"{r['divergences']} divergences, {r['seconds']:.0f} s",
-                }
-            )
-            print(f"[nuts] NumPyro ({metric}): {r}", flush=True)
+    for dense in (False, True):
+        r = numpyro_nuts.run_twin(data.inputs, data.y, max_rank=4, draws=draws, dense=dense)
+        if r is None:
+            print("[nuts] NumPyro baseline skipped: numpyro is not installed", flush=True)
+            return
+        ess_per_s = r["min_ess_sorted_lambda"] / r["seconds"]
+        metric = "dense" if dense else "diagonal"
+        rep.rows.append(
+            {
+                "group": group,
+                "name": f"NumPyro NUTS by hand, non-centred, {metric} mass matrix, {draws} "
+                f"warm-up + {draws} draws per chain (collapsed ESS/s vs NumPyro's)",
+                "ms": r["seconds"] * 1e3,
+                "spread": 0.0,
+                "ratio": ours_ess_per_s / max(ess_per_s, 1e-12),
+                "target": ">=10x",
+                "note": f"min ESS sorted lambda {r['min_ess_sorted_lambda']:.0f}, r-hat "
+                f"{r['max_rhat_sorted_lambda']:.3f}, {ess_per_s:.2f} ESS/s, "
+                f"{r['divergences']} divergences, {r['seconds']:.0f} s",
+            }
+        )
+        print(f"[nuts] NumPyro ({metric}): {r}", flush=True)
 
 
 def bench_distributed(rep, device, quick, out):

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+#: fit_nuts options of a section's NUTS fits under ``--quick`` (a smoke test): short MAP starts
+#: and trees
+QUICK_NUTS = {"init_steps": 200, "max_tree_depth": 5}
+
 
 def parse_args(doc: str, argv, quick_help: str, extra: Callable | None = None):
     """``--quick``, ``--threads`` (set here), ``--out`` (created here) and the section's own
