@@ -223,8 +223,9 @@ def test_marginalize_option():
 
 @pytest.mark.slow
 def test_collapsed_nuts_meets_the_practicality_target():
-    """The inference issue's instance: (4, 5, 3) -> 2, max_rank 4, N = 300; 2 chains x 500
-    draws: no divergences, min ESS of the sorted lambdas >= 100, the true rank found.
+    """The inference issue's instance: (4, 5, 3) -> 2, max_rank 4, N = 300; 2 chains x (250 +
+    250) (the benchmark runs 500 + 500): no divergences, min ESS of the sorted lambdas >= 100,
+    the true rank found.
     (Wall time is reported by benchmarks/run.py, never asserted.)"""
     data = make_cp_regression((4, 5, 3), 2, rank=2, num_data=300, noise=0.1, seed=0)
     model = bf.Regressor(bf.CPFusion((4, 5, 3), 2, max_rank=4))
@@ -233,8 +234,8 @@ def test_collapsed_nuts_meets_the_practicality_target():
         data.inputs,
         data.y,
         guide="nuts",
-        num_samples=500,
-        warmup_steps=500,
+        num_samples=250,
+        warmup_steps=250,
         num_chains=2,
         progress=False,
     )
