@@ -839,7 +839,9 @@ def main(argv=None):
     }
     for name, run in sections.items():
         if args.only is None or name in args.only:
+            started = time.perf_counter()
             run()
+            print(f"section {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     meta = machine(device)
     meta["quick"] = args.quick
     meta["seconds"] = round(time.perf_counter() - t0, 1)
