@@ -28,8 +28,8 @@ def test_nuts_predictive_mean_intervals_cover_the_truth():
         train.inputs,
         train.y,
         guide="nuts",
-        num_samples=150,
-        warmup_steps=150,
+        num_samples=300,
+        warmup_steps=300,
         num_chains=2,
         init_steps=200,
         max_tree_depth=6,
@@ -40,7 +40,7 @@ def test_nuts_predictive_mean_intervals_cover_the_truth():
         diag = res.diagnostics(test.inputs)
     assert diag["r_hat"]["predictive mean"] < 1.05
     draws = res.predict(test.inputs, return_samples=True)["samples"]
-    assert draws.shape == (300, 150, 2)
+    assert draws.shape == (600, 150, 2)
     # 300 held-out entries; they share the posterior's errors, so the bounds are wider than
     # binomial (+-0.03 at 90%); an over-confident posterior falls far below them
     assert 0.8 <= _coverage(draws, truth, 0.9) <= 1.0
