@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from bayes_fusion.marginal import run_chain
+from bayes_fusion.infer.chains import run_chain
 
 if __name__ == "__main__":
     job = torch.load(sys.argv[1], weights_only=False)

@@ -9,8 +9,8 @@ import torch
 from pyro import poutine
 
 import bayes_fusion as bf
+from bayes_fusion.infer.chains import flatten_params
 from bayes_fusion.infer.potential import ModelPotential, contrast_basis
-from bayes_fusion.marginal import flatten_params
 
 
 def _trace_log_joint(model, args, values):

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ..guides import rank_layers
-from ..marginal import flatten_params, laplace_inverse_mass_matrix, run_chains
 from ..rank import active_components
+from .chains import flatten_params, laplace_inverse_mass_matrix, run_chains
 from .output_marginal import NonConjugateError, OutputMarginal, supports_output_marginal
 from .polya_gamma import PolyaGammaPotential, supports_polya_gamma
 from .potential import ModelPotential
@@ -193,7 +193,7 @@ START_JITTER = 0.1
 def chain_starts(start: dict, metric: dict | None, num_chains: int) -> list[dict]:
     """One start per chain (unconstrained coordinates): chain 0 at ``start``, every other chain
     at a draw of the Laplace approximation around it (covariance ``metric``, the
-    curvature-clipped inverse Hessian of :func:`~bayes_fusion.marginal
+    curvature-clipped inverse Hessian of :func:`~bayes_fusion.infer.chains
     .laplace_inverse_mass_matrix`; without one, ``Normal(0, START_JITTER^2)`` jitter). Chains
     that start apart let r-hat see a chain that stays stuck; from one shared point it cannot.
     """

@@ -10,8 +10,9 @@ import time
 
 import torch
 
-from ..marginal import CPRegressionMarginal, run_chains
+from ..marginal import CPRegressionMarginal
 from ..rank import active_components
+from .chains import run_chains
 from .mcmc import chain_starts, map_point, nuts_settings, parallel_chains, start_description
 from .result import FitResult
 
