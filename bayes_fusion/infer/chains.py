@@ -117,12 +117,15 @@ class FlatPotential:
         return {(self.SITE,): metric[self._names]}
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
+        """The potential at ``{SITE: z}``, ``z`` ``(D,)`` (scalar)."""
         return self.potential(self._unflatten(params[self.SITE]))
 
     def gibbs_init(self, params: dict[str, Tensor]) -> None:
+        """The potential's ``gibbs_init`` at ``{SITE: z}``."""
         self.potential.gibbs_init(self._unflatten(params[self.SITE]))
 
     def gibbs_update(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The potential's ``gibbs_update`` at ``{SITE: z}``: its draws, name -> tensor."""
         return self.potential.gibbs_update(self._unflatten(params[self.SITE]))
 
 
