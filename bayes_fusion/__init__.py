@@ -1,11 +1,12 @@
 """bayes_fusion: Bayesian low-rank tensor layers with automatic rank determination on Pyro."""
 
-from . import arviz_compat, datasets, distributed, ops  # noqa: E402
-from ._version import __version__  # noqa: E402
-from .contributions import ModalityContributions, modality_contributions  # noqa: E402
-from .guides import GUIDES, make_guide, rank_layers  # noqa: E402
-from .infer import FitResult, NonFiniteLossError, fit, fit_nuts, fit_svi, load  # noqa: E402
-from .layers import (  # noqa: E402
+from . import _moved, arviz_compat, datasets, ops
+from ._version import __version__
+from .contributions import ModalityContributions, modality_contributions
+from .infer import FitResult, NonFiniteLossError, fit, fit_nuts, fit_svi, load
+from .infer.svi import distributed
+from .infer.svi.guides import GUIDES, make_guide
+from .layers import (
     CPFusion,
     DeterministicCPFusion,
     DeterministicXOXLinear,
@@ -15,12 +16,13 @@ from .layers import (  # noqa: E402
     cp_to_tltorch,
     cpfusion_values_from_tltorch,
     cpfusion_values_to_tltorch,
+    rank_layers,
 )
-from .models import Classifier, Regressor  # noqa: E402
-from .priors import HalfCauchyRankPrior, LogUniformRankPrior  # noqa: E402
-from .prune import PruneResult, prune  # noqa: E402
-from .rank import RankPosterior, effective_rank_draws, rank_posterior  # noqa: E402
-from .summary import (  # noqa: E402
+from .models import Classifier, Regressor
+from .priors import HalfCauchyRankPrior, LogUniformRankPrior
+from .prune import PruneResult, prune
+from .rank import RankPosterior, effective_rank_draws, rank_posterior
+from .summary import (
     compare,
     loo,
     plot_elbo,
@@ -73,3 +75,13 @@ __all__ = [
     "rank_layers",
     "rank_posterior",
 ]
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    """``bf.<old module>`` for a module path that moved (see :mod:`bayes_fusion._moved`)."""
+    old = f"{__name__}.{name}"
+    if old in _moved.MOVED:
+        return _moved.resolve(old)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

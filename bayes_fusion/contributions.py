@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .guides import rank_layers
+from .layers.base import rank_layers
 from .layers.cp import CPFusion, check_modalities
 from .ops.cp import cp_main_effects
 from .rank import hdi_float, layer_draws
@@ -150,7 +150,7 @@ def modality_contributions(
         raise ValueError(
             f"modality_names: expected {fusion.num_modalities} names, got {len(names)}"
         )
-    draws = layer_draws(fusion, result.posterior_samples(num_samples))
+    draws = layer_draws(fusion, result.posterior_draws(num_samples))
     factors = [draws[f"factor_{m}"] for m in range(fusion.num_modalities)]
     with torch.no_grad():
         terms = interaction_terms(

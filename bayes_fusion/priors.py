@@ -18,31 +18,10 @@ __all__ = [
     "HalfCauchyRankPrior",
     "LogUniformRankPrior",
     "make_rank_prior",
-    "half_normal_log_density",
     "RANK_PRIORS",
 ]
 
 RANK_PRIORS = ("half_cauchy", "log_uniform")
-_LOG_2_OVER_PI = math.log(2 / math.pi)
-
-_UNCONSTRAINED_DOC = """``lambda = exp(u)`` and ``log p(lambda) + log |d lambda / du|``, summed over
-        the last dim: the numbers of :meth:`distribution` with ``biject_to`` of its support,
-        in plain tensor ops (no distribution objects, no value-dependent Python branches),
-        for potentials evaluated many times (:mod:`bayes_fusion.marginal`).
-
-        :param u: unconstrained scales ``(..., R)``.
-        :returns: ``(lambda, log_density)`` of shapes ``(..., R)`` and ``(...)``."""
-
-
-def half_normal_log_density(scale: torch.Tensor, u: torch.Tensor):
-    """``x = exp(u)`` and ``log HalfNormal(x | scale) + u`` summed over the last dim (the noise
-    prior in unconstrained coordinates, plain tensor ops).
-
-    :param scale: ``(P,)``; ``u``: ``(..., P)``.
-    """
-    x = u.exp()
-    log_p = 0.5 * _LOG_2_OVER_PI - scale.log() - 0.5 * (x / scale) ** 2
-    return x, (log_p + u).sum(-1)
 
 
 class HalfCauchyRankPrior(nn.Module):
@@ -62,14 +41,6 @@ class HalfCauchyRankPrior(nn.Module):
     def distribution(self, size: int) -> dist.TorchDistribution:
         """Prior over the ``(size,)`` vector of scales (one event of shape ``(size,)``)."""
         return dist.HalfCauchy(self.eta).expand([size]).to_event(1)
-
-    def log_density_unconstrained(self, u: torch.Tensor):
-        lam = u.exp()
-        eta = self.eta.to(u.dtype)
-        log_p = _LOG_2_OVER_PI - eta.log() - torch.log1p((lam / eta) ** 2)
-        return lam, (log_p + u).sum(-1)
-
-    log_density_unconstrained.__doc__ = _UNCONSTRAINED_DOC
 
     def extra_repr(self) -> str:
         return f"eta={float(self.eta):g}"
@@ -99,14 +70,6 @@ class LogUniformRankPrior(nn.Module):
             .expand([size])
             .to_event(1)
         )
-
-    def log_density_unconstrained(self, u: torch.Tensor):
-        lo, hi = self.log_low.to(u.dtype), self.log_high.to(u.dtype)
-        inside = (lo <= u) & (u < hi)  # Uniform's support: [low, high)
-        log_p = torch.where(inside, -torch.log(hi - lo) - u, torch.full_like(u, -math.inf))
-        return u.exp(), (log_p + u).sum(-1)
-
-    log_density_unconstrained.__doc__ = _UNCONSTRAINED_DOC
 
     def extra_repr(self) -> str:
         return f"low={math.exp(float(self.log_low)):g}, high={math.exp(float(self.log_high)):g}"

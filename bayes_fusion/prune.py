@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .guides import rank_layers
+from .layers.base import rank_layers
 from .layers.cp import CPFusion
 from .layers.deterministic import DeterministicCPFusion, DeterministicXOXLinear
 from .layers.xox import XOXLinear
@@ -50,7 +50,7 @@ def point_values(
 
     :param draw: ``"mean"`` or the index of a draw.
     """
-    samples = result.posterior_samples(num_samples)
+    samples = result.posterior_draws(num_samples)
     total = next(iter(samples.values())).shape[0]
     if isinstance(draw, int):
         if not -total <= draw < total:

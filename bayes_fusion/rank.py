@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .guides import rank_layers
-from .layers.base import RankLayer
+from .layers.base import RankLayer, rank_layers
 
 __all__ = [
     "RankPosterior",
@@ -180,7 +179,7 @@ class RankPosterior:
 
 
 def _samples_of(result, num_samples: int) -> dict[str, Tensor]:
-    samples = result.posterior_samples(num_samples)
+    samples = result.posterior_draws(num_samples)
     if not samples or next(iter(samples.values())).shape[0] == 0:
         raise ValueError("result: expected at least one posterior draw, got an empty posterior")
     return samples

@@ -17,7 +17,7 @@ import torch
 from pyro import poutine
 
 from . import arviz_compat
-from .guides import rank_layers
+from .layers.base import rank_layers
 from .rank import RankPosterior, rank_posterior
 
 __all__ = [
@@ -39,7 +39,7 @@ _VARIATIONAL_NOTE = (
 
 def _chains(result, num_samples: int) -> dict[str, torch.Tensor]:
     """Posterior draws with a chain axis: ``(C, D, ...)`` (SVI: one pseudo-chain)."""
-    draws = result.posterior_samples(num_samples, group_by_chain=True)
+    draws = result.posterior_draws(num_samples, group_by_chain=True)
     if not draws or next(iter(draws.values())).numel() == 0:
         raise ValueError("result: expected at least one posterior draw, got an empty posterior")
     return draws
@@ -89,7 +89,9 @@ def to_inference_data(
     and ``{layer}.rank_scale_sorted`` -- sorted per draw, so aligned across draws and chains and
     meaningful for r-hat/ESS -- and ``{layer}.effective_rank``), ``posterior_predictive``
     (``obs``), ``log_likelihood`` (pointwise ``obs``, for ``az.loo``/``az.waic``/``az.compare``),
-    ``observed_data`` and, for MCMC, ``sample_stats`` (``diverging``). SVI results are one
+    ``observed_data`` and, for MCMC, ``sample_stats`` (``diverging``, ``energy``, ``step_size``,
+    ``n_steps``, ``lp``, ``acceptance_rate``: ``az.plot_energy``, ``az.bfmi`` and ``az.summary``
+    work on it). SVI results are one
     pseudo-chain and carry ``attrs["inference"] = "variational"`` with a warning note.
 
     :param result: a :class:`bayes_fusion.FitResult`.
@@ -119,15 +121,17 @@ def to_inference_data(
             elif len(shape) == 2 and shape[1] == layer.rank:
                 dims[full] = [f"{full}_row", rank_dim]
         rp: RankPosterior = rank_posterior(result, threshold=threshold, samples=flat)[path]
-        base = path or "layer"
+        # the names diagnostics() gives the same quantities
+        relevance = layer.site_name("relevance_sorted")
+        scales = layer.site_name("rank_scale_sorted")
         k = rp.relevance.shape[-1]
-        rel_dim = f"{base}_component"
+        rel_dim = f"{path or 'layer'}_component"
         coords[rel_dim] = np.arange(k)
-        posterior[f"{base}.relevance_sorted"] = _np(rp.relevance.reshape(chains, ndraw, k))
-        dims[f"{base}.relevance_sorted"] = [rel_dim]
-        posterior[f"{base}.rank_scale_sorted"] = _np(rp.scales.reshape(chains, ndraw, layer.rank))
-        dims[f"{base}.rank_scale_sorted"] = [rank_dim]
-        posterior[f"{base}.effective_rank"] = _np(rp.rank_draws.reshape(chains, ndraw))
+        posterior[relevance] = _np(rp.relevance.reshape(chains, ndraw, k))
+        dims[relevance] = [rel_dim]
+        posterior[scales] = _np(rp.scales.reshape(chains, ndraw, layer.rank))
+        dims[scales] = [rank_dim]
+        posterior[layer.site_name("effective_rank")] = _np(rp.rank_draws.reshape(chains, ndraw))
     groups: dict[str, Any] = {"posterior": posterior}
     y = _observed(result)
     if y is not None:
@@ -141,10 +145,7 @@ def to_inference_data(
             groups["log_likelihood"] = {"obs": _np(ll.reshape(chains, ndraw, -1))}
             dims.setdefault("obs", ["obs_row"])
     if result.is_mcmc:
-        div = np.zeros((chains, ndraw), dtype=bool)
-        for c, idx in enumerate(result.info.get("divergence_indices", [])):
-            div[c, [i for i in idx if i < ndraw]] = True
-        groups["sample_stats"] = {"diverging": div}
+        groups["sample_stats"] = _sample_stats(result, chains, ndraw)
     attrs = {
         "inference": "mcmc" if result.is_mcmc else "variational",
         "method": result.method,
@@ -153,6 +154,22 @@ def to_inference_data(
     if not result.is_mcmc:
         attrs["note"] = _VARIATIONAL_NOTE
     return arviz_compat.from_dict(groups, coords=coords, dims=dims, attrs=attrs)
+
+
+def _sample_stats(result, chains: int, ndraw: int) -> dict[str, np.ndarray]:
+    """ArviZ's ``sample_stats`` of an MCMC fit: ``diverging`` (from the divergence indices) and
+    the per-draw NUTS statistics the sampler recorded (``energy``, ``step_size``, ``n_steps``,
+    ``lp``, ``acceptance_rate``), each ``(chains, draws)``."""
+    div = np.zeros((chains, ndraw), dtype=bool)
+    for c, idx in enumerate(result.info.get("divergence_indices", [])):
+        div[c, [i for i in idx if i < ndraw]] = True
+    stats = {"diverging": div}
+    for name, value in (result.sample_stats or {}).items():
+        if name != "diverging" and tuple(value.shape) == (chains, ndraw):
+            stats[name] = _np(value)
+    if "n_steps" in stats:
+        stats["n_steps"] = stats["n_steps"].astype(np.int64)
+    return stats
 
 
 def _arviz_data(obj, num_samples: int):

@@ -78,9 +78,10 @@ def replication(seed: int, guides, quick: bool, task: str = "regression") -> lis
             result = bf.fit(model, train.inputs, train.y, guide=guide, progress=False, seed=seed,
                             **options)  # fmt: skip
         seconds = time.perf_counter() - start
-        pred = result.predict(test.inputs, num_samples=1000, return_samples=True, seed=seed)
+        draws = None if result.is_mcmc else 1000  # MCMC: every draw
+        pred = result.predict(test.inputs, num_samples=draws, return_samples=True, seed=seed)
         row = {"seed": seed, "guide": guide, "seconds": seconds}
-        row.update({f"coverage_{level}": coverage(pick(pred["samples"]), truth, level)
+        row.update({f"coverage_{level}": coverage(pick(pred["mean_samples"]), truth, level)
                     for level in LEVELS})  # fmt: skip
         rows.append(row)
         print(f"[calibration] {task} seed {seed} {guide}: {row}", flush=True)

@@ -110,20 +110,19 @@ def run_case(name: str, factory, args, held_out, draws: int, **options) -> dict:
                      num_chains=2, progress=False, seed=0, **options)  # fmt: skip
         seconds = time.perf_counter() - start
         diag = res.diagnostics(held_out)
-    scale = next(k for k in diag["r_hat"] if k.endswith("rank_scale (sorted)"))
+    scale = next(k for k in diag["r_hat"] if k.endswith("rank_scale_sorted"))
     row = {
         "model": name,
         "draws": draws,
         "seconds": seconds,
         "divergences": sum(diag["divergences"]),
-        "path": res.info["path"],
         "parallel": res.info["parallel"],
         "compiled": res.info["compiled_potential"],
         "marginalized": res.info["marginalized"],
         "steps_per_iteration": res.info.get("steps_per_iteration"),
     }
-    relevance = next(k for k in diag["r_hat"] if k.endswith("relevance (sorted)"))
-    for label, key in (("lambda", scale), ("relevance", relevance), ("pred", "predictive mean")):
+    relevance = next(k for k in diag["r_hat"] if k.endswith("relevance_sorted"))
+    for label, key in (("lambda", scale), ("relevance", relevance), ("pred", "predictive_mean")):
         row[f"r_hat_{label}"] = diag["r_hat"][key]
         row[f"ess_{label}"] = diag["ess"][key]
     print(f"[nuts_models] {row}", flush=True)

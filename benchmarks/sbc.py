@@ -115,12 +115,12 @@ def fit_draws(guide: str, sim: dict, seed: int, quick: bool) -> tuple[dict, dict
     info = {"seconds": time.perf_counter() - start}
     if result.is_mcmc:
         chains = result.mcmc_samples[sim["scale_site"]]
-        pred = result.predict(sim["test"], return_samples=True)["samples"]
+        pred = result.predict(sim["test"], return_samples=True)["mean_samples"]
         pred = pred.reshape(chains.shape[:2] + pred.shape[1:])
         # L draws: L + 1 spread evenly over both chains, less the first
         lam, pred = thin(chains, DRAWS + 1)[1:], thin(pred, DRAWS + 1)[1:]
         info["divergences"] = sum(result.info["divergences"])
-        info["path"] = result.info["path"]
+        info["marginalized"] = result.info["marginalized"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             r_hat = result.diagnostics(sim["test"])["r_hat"]
@@ -128,7 +128,7 @@ def fit_draws(guide: str, sim: dict, seed: int, quick: bool) -> tuple[dict, dict
     else:
         lam = result.posterior_samples(DRAWS, seed=seed)[sim["scale_site"]]
         pred = result.predict(sim["test"], num_samples=DRAWS, return_samples=True, seed=seed)
-        pred = pred["samples"]
+        pred = pred["mean_samples"]
     lam = lam.sort(-1, descending=True).values
     return {"lambda": lam, "pred": pred}, info
 

@@ -23,7 +23,7 @@ from bayes_fusion.summary import pointwise_log_likelihood
 
 def held_out_lpd(result, test) -> float:
     """Mean over test rows of log (1/S sum_s p(y_n | theta_s))."""
-    samples = result.posterior_samples(200)
+    samples = result.posterior_draws(200)  # MCMC: every draw
     ll = pointwise_log_likelihood(result, samples, test.inputs, test.y)
     return float((torch.logsumexp(ll, 0) - math.log(ll.shape[0])).mean())
 

@@ -38,8 +38,8 @@ def test_nuts_predictive_mean_intervals_cover_the_truth():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # short chains: judged below instead
         diag = res.diagnostics(test.inputs)
-    assert diag["r_hat"]["predictive mean"] < 1.05
-    draws = res.predict(test.inputs, return_samples=True)["samples"]
+    assert diag["r_hat"]["predictive_mean"] < 1.05
+    draws = res.predict(test.inputs, return_samples=True)["mean_samples"]
     assert draws.shape == (600, 150, 2)
     # 300 held-out entries; they share the posterior's errors, so the bounds are wider than
     # binomial (+-0.03 at 90%); an over-confident posterior falls far below them

@@ -8,8 +8,8 @@ import torch
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_classification, make_cp_regression
-from bayes_fusion.infer.diagnostics import invariant_draws, r_hat_and_ess
-from bayes_fusion.infer.mcmc import START_JITTER, chain_starts
+from bayes_fusion.infer.mcmc.diagnostics import invariant_draws, r_hat_and_ess
+from bayes_fusion.infer.mcmc.starts import START_JITTER, chain_starts
 
 
 def test_r_hat_and_ess_of_constant_and_stuck_quantities():
@@ -39,8 +39,8 @@ def test_invariant_draws_do_not_see_a_relabelling():
     relabelled["layer.out_factor"] = -relabelled["layer.out_factor"]
     a, b = invariant_draws(model, samples), invariant_draws(model, relabelled)
     assert set(a) == {
-        "layer.rank_scale (sorted)",
-        "layer.relevance (sorted)",
+        "layer.rank_scale_sorted",
+        "layer.relevance_sorted",
         "layer.effective_rank",
         "noise",
     }
@@ -85,11 +85,11 @@ def test_collapsed_chains_start_apart_and_are_diagnosed_on_held_out_predictions(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # short chains
         diag = res.diagnostics(test.inputs)
-    for key in ("layer.rank_scale (sorted)", "layer.relevance (sorted)",
-                "layer.effective_rank", "noise", "predictive mean"):  # fmt: skip
+    for key in ("layer.rank_scale_sorted", "layer.relevance_sorted",
+                "layer.effective_rank", "noise", "predictive_mean"):  # fmt: skip
         assert key in diag["r_hat"] and key in diag["ess"], key
     assert not any(k.startswith("layer.factor") for k in diag["r_hat"])
-    assert diag["r_hat"]["predictive mean"] < 1.2
+    assert diag["r_hat"]["predictive_mean"] < 1.2
 
 
 def test_generic_nuts_classifier_reports_its_chain_starts():
@@ -107,11 +107,11 @@ def test_generic_nuts_classifier_reports_its_chain_starts():
         init_steps=50,
         progress=False,
     )
-    assert res.info["path"] == "generic" and "Laplace" in res.info["chain_starts"]
+    assert "Laplace" in res.info["chain_starts"]
     assert res.info["class_contrasts"] == ["layer.bias", "layer.main_effects", "layer.out_factor"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         diag = res.diagnostics(data.inputs)
-    assert "predictive mean" in diag["ess"]
+    assert "predictive_mean" in diag["ess"]
     chains = res.posterior_samples(group_by_chain=True)["layer.rank_scale"]
     assert chains.shape == (2, 10, 2) and not torch.equal(chains[0], chains[1])

@@ -1,4 +1,4 @@
-"""Running NUTS chains (bayes_fusion.infer.chains): Pyro's NUTS sees one flat site, and the
+"""Running NUTS chains (bayes_fusion.infer.mcmc.chains): Pyro's NUTS sees one flat site, and the
 draws come back per site -- exactly the potential of the dict, its gradient, its metric, and
 draws from a known posterior."""
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bayes_fusion.infer.chains import FlatPotential, flatten_params, run_chain
+from bayes_fusion.infer.mcmc.chains import run_chain
+from bayes_fusion.infer.mcmc.potential import FlatPotential, flatten_params
 
 # a correlated Gaussian over two sites of different shapes: a (2, 3) and b (2,), 8 entries
 DIM = 8
@@ -67,8 +68,9 @@ def test_flat_potential_rekeys_the_dense_metric_and_refuses_other_blocks():
 def test_a_chain_draws_a_known_gaussian_per_site():
     potential, like, mean, cov = _gaussian()
     settings = {"max_tree_depth": 6, "target_accept_prob": 0.8, "full_mass": True}
-    samples, divergences, report = run_chain(potential, like, 1500, 300, 0, settings)
+    samples, divergences, stats, report = run_chain(potential, like, 1500, 300, 0, settings)
     assert report == {} and divergences == []
+    assert all(len(v) == 1500 for v in stats.values())
     assert samples["a"].shape == (1500, 2, 3) and samples["b"].shape == (1500, 2)
     flat = torch.cat([samples["a"].reshape(1500, -1), samples["b"]], -1)
     # whitened by the true moments the draws are standard normal: NUTS on a Gaussian gives
@@ -80,3 +82,31 @@ def test_a_chain_draws_a_known_gaussian_per_site():
     assert float(white.mean(0).abs().max()) < 0.12, white.mean(0)
     identity = torch.eye(DIM, dtype=torch.float64)
     assert float((torch.cov(white.T) - identity).abs().max()) < 0.2, torch.cov(white.T)
+
+
+def test_flat_potential_evaluates_many_chains_in_one_batched_call():
+    """The potential protocol: value and gradient at (chains, D) points in one call, equal to
+    the one-point potential and its autograd gradient at every chain; a potential that cannot
+    be batched (Python control flow on values) falls back to a loop and says why."""
+    potential, like, _, _ = _gaussian()
+    flat = FlatPotential(potential, like)
+    z = torch.randn(3, 4, DIM, dtype=torch.float64)  # leading (3, 4) chain dims
+    value, grad = flat.value_and_grad(z)
+    assert value.shape == (3, 4) and grad.shape == (3, 4, DIM)
+    assert flat.batched is True
+    for index in [(0, 0), (2, 3), (1, 2)]:
+        point = z[index].clone().requires_grad_(True)
+        expected = flat({FlatPotential.SITE: point})
+        (expected_grad,) = torch.autograd.grad(expected, point)
+        torch.testing.assert_close(value[index], expected)
+        torch.testing.assert_close(grad[index], expected_grad)
+
+    def branching(params):  # data-dependent Python branch: vmap cannot trace it
+        x = params["a"].sum() + params["b"].sum()
+        return x**2 if float(x) > 0 else -x
+
+    looped = FlatPotential(branching, like)
+    value, grad = looped.value_and_grad(z)
+    assert isinstance(looped.batched, str) and value.shape == (3, 4)
+    point = z[1, 1]
+    torch.testing.assert_close(value[1, 1], branching(looped.unflatten(point)))

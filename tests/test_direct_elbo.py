@@ -11,9 +11,10 @@ from pyro.infer.autoguide import AutoLaplaceApproximation, AutoNormal
 from pyro.nn import PyroModule
 
 import bayes_fusion as bf
-from bayes_fusion.compiled import CompiledFunction, flatten_tensors, unflatten_tensors
-from bayes_fusion.direct_elbo import DirectELBO
-from bayes_fusion.optim import FusedClippedAdam
+from bayes_fusion.infer.compiled import CompiledFunction, flatten_tensors, unflatten_tensors
+from bayes_fusion.infer.svi.elbo import DirectELBO
+from bayes_fusion.infer.svi.optim import FusedClippedAdam
+from bayes_fusion.infer.svi.step import PriorAnneal
 
 GUIDES = ["map", "meanfield", "lowrank", "full"]
 
@@ -92,7 +93,7 @@ def test_direct_elbo_weights_the_guide_by_the_kl_weight():
     log_prior = sum(s["log_prob_sum"] for s in sites if s["name"] in values)
     expected = -(log_lik + beta * (log_prior - log_q))
     pyro.set_rng_seed(3)
-    annealed = bf.infer.svi_step.PriorAnneal()
+    annealed = PriorAnneal()
     annealed.beta = beta
     loss = direct.differentiable_loss(annealed(model), args, guide_scale=beta)
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import bayes_fusion as bf
-from bayes_fusion.distributed import ShardPlan
+from bayes_fusion.infer.svi.distributed import ShardPlan
 
 from . import distributed_worker as worker
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bayes_fusion as bf
-from bayes_fusion.infer.fused import FUSED_STEPS
+from bayes_fusion.infer.svi.fused import FUSED_STEPS
 
 pytestmark = pytest.mark.slow  # each fused fit compiles (seconds; tens of seconds cold)
 

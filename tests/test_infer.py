@@ -48,9 +48,22 @@ def test_same_seed_same_result_different_seed_different(small):
     assert a.losses != c.losses
 
 
-def test_vectorized_particles(small):
+def test_vectorized_particles_average_the_single_particle_elbo(small):
+    """The vectorized 4-particle ELBO of a fixed guide is the mean of single-particle
+    estimates: over many evaluations, its mean agrees with theirs within standard errors, and
+    its spread is about half theirs (the standard error of a mean of 4)."""
     res = bf.fit(_model(), small.inputs, small.y, num_steps=30, num_particles=4, progress=False)
     assert all(math.isfinite(v) for v in res.losses)
+    model, guide, args = res.model, res.guide, (small.inputs, small.y)
+    one = pyro.infer.Trace_ELBO(num_particles=1)
+    four = pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    with res.param_scope(), torch.no_grad():
+        singles = torch.tensor([one.loss(model, guide, *args) for _ in range(400)])
+        vectorized = torch.tensor([four.loss(model, guide, *args) for _ in range(200)])
+    sem = (singles.var() / 400 + vectorized.var() / 200).sqrt()
+    assert abs(float(vectorized.mean() - singles.mean())) < 4 * float(sem)
+    ratio = float(vectorized.std() / singles.std())
+    assert 0.35 < ratio < 0.7, ratio
 
 
 @pytest.mark.slow
@@ -261,21 +274,40 @@ def test_nuts_small_runs_and_diagnoses(small):
     draws = res.posterior_samples()
     assert draws["layer.factor_0"].shape == (30, 4, 3)
     assert res.posterior_samples(group_by_chain=True)["layer.rank_scale"].shape == (1, 30, 3)
+    # get_samples as NumPyro's: every draw, or num_samples evenly spaced ones; never more
+    grouped = res.get_samples(group_by_chain=True)["layer.rank_scale"]
+    thinned = res.get_samples(10)["layer.rank_scale"]
+    assert thinned.shape == (10, 3)
+    assert torch.equal(thinned[0], grouped[0, 0]) and torch.equal(thinned[-1], grouped[0, -1])
+    with pytest.raises(ValueError, match="num_samples: expected at most the fit's 30 draws"):
+        res.get_samples(31)
+    # the per-draw NUTS statistics, one per draw after warm-up
+    stats = res.sample_stats
+    assert {"diverging", "energy", "step_size", "n_steps", "lp", "acceptance_rate"} <= set(stats)
+    assert all(v.shape == (1, 30) for v in stats.values())
+    assert bool((stats["n_steps"] >= 1).all()) and bool((stats["step_size"] > 0).all())
+    assert bool(((stats["acceptance_rate"] >= 0) & (stats["acceptance_rate"] <= 1 + 1e-9)).all())
+    assert bool(torch.isfinite(stats["energy"]).all())
+    # posterior predictive site draws, as pyro.infer.Predictive gives them
+    sites = res.predictive(small.inputs, num_samples=12, seed=0)
+    assert sites["obs"].shape == (12, 120, 2) and sites["_RETURN"].shape == (12, 120, 2)
     with warnings.catch_warnings():  # a 30-step warm-up is too short to be healthy
         warnings.simplefilter("ignore", RuntimeWarning)
         diag = res.diagnostics()
-    assert "layer.rank_scale (sorted)" in diag["r_hat"]
+    assert "layer.rank_scale_sorted" in diag["r_hat"]
     pred = res.predict(small.inputs)
     assert pred["mean"].shape == (120, 2)
     with pytest.raises(ValueError, match="diagnostics: expected an MCMC"):
         bf.fit(_model(), small.inputs, small.y, num_steps=2, progress=False).diagnostics()
 
 
-def test_full_batch_fit_resets_a_stale_num_data(small):
+def test_full_batch_fit_ignores_a_stale_num_data_and_leaves_it(small):
+    fresh = bf.fit(_model(), small.inputs, small.y, num_steps=3, progress=False)
     model = _model()
     model.num_data = 10_000  # left over from a minibatch fit on a larger data set
-    bf.fit(model, small.inputs, small.y, num_steps=2, progress=False)
-    assert model.num_data is None
+    stale = bf.fit(model, small.inputs, small.y, num_steps=3, progress=False)
+    assert stale.losses == fresh.losses  # the likelihood was not scaled to 10,000 rows
+    assert model.num_data == 10_000
 
 
 def test_fit_forwards_options_and_names_the_method_that_takes_them(small):
@@ -312,3 +344,42 @@ def test_num_threads_is_set_for_the_fit_and_restored(small):
     )
     assert seen == [1] * 5 and torch.get_num_threads() == before
     assert res.info["compile_seconds"] is None  # a short fit runs eagerly
+
+
+def test_fit_leaves_the_callers_random_streams_alone(small):
+    """fit(seed=...) draws from its own streams: the caller's random, NumPy and torch states are
+    where they were, so a bootstrap loop around fit gets new resamples every iteration."""
+    import random
+
+    import numpy as np
+
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    a = bf.fit(_model(), small.inputs, small.y, num_steps=5, seed=0, progress=False)
+    a.posterior_samples(3, seed=1)
+    a.predict(small.inputs, num_samples=3, seed=2)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+    b = bf.fit(_model(), small.inputs, small.y, num_steps=5, seed=0, progress=False)
+    assert a.losses == b.losses  # its own streams are seeded
+
+
+def test_minibatch_fit_leaves_num_data_as_it_was(small):
+    model = _model()
+    assert model.num_data is None
+    bf.fit(model, small.inputs, small.y, num_steps=3, batch_size=40, progress=False)
+    assert model.num_data is None
+    model.num_data = 120
+    bf.fit(model, small.inputs, small.y, num_steps=3, batch_size=40, progress=False)
+    assert model.num_data == 120
+
+
+def test_one_loss_engine_per_fit(small):
+    direct = bf.fit(_model(), small.inputs, small.y, num_steps=3, progress=False)
+    assert direct.info["loss_engine"] == "direct"
+    traced = bf.fit(_model(), small.inputs, small.y, num_steps=3, direct_elbo=False, progress=False)
+    assert traced.info["loss_engine"] == "Trace_ELBO"

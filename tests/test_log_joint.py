@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import bayes_fusion as bf
-from bayes_fusion.direct_elbo import LogJoint
-from bayes_fusion.infer.svi_step import PriorAnneal
+from bayes_fusion.infer.log_joint import LogJoint
+from bayes_fusion.infer.svi.step import PriorAnneal
 
 
 def _problem(kind, classify, num_data):

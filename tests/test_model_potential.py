@@ -1,4 +1,4 @@
-"""The generic NUTS path's potential (bayes_fusion.infer.potential), float64: its density is
+"""The generic NUTS path's potential (bayes_fusion.infer.mcmc.potential), float64: its density is
 the model's own (Pyro trace) log density times the Jacobian of its coordinates, computed here
 independently by autograd; a Classifier's class means integrate out exactly."""
 
@@ -9,8 +9,7 @@ import torch
 from pyro import poutine
 
 import bayes_fusion as bf
-from bayes_fusion.infer.chains import flatten_params
-from bayes_fusion.infer.potential import ModelPotential, contrast_basis
+from bayes_fusion.infer.mcmc.potential import ModelPotential, contrast_basis, flatten_params
 
 
 def _trace_log_joint(model, args, values):

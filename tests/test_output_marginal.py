@@ -1,5 +1,4 @@
-"""The generic path's collapsed Gaussian regression (output sites integrated out), float64
-against a dense reconstruction: the marginal likelihood from the full covariance, the output
+"""The Gaussian regression's potential with the output sites integrated out, float64 against a dense reconstruction: the marginal likelihood from the full covariance, the output
 sites' conditional from the Gaussian formula (NUTS through it on a known answer:
 tests/test_generic_nuts.py, the XOX regression)."""
 
@@ -7,8 +6,8 @@ import pytest
 import torch
 
 import bayes_fusion as bf
-from bayes_fusion import linear_gaussian
-from bayes_fusion.infer.output_marginal import (
+from bayes_fusion.infer.mcmc import linear_gaussian
+from bayes_fusion.infer.mcmc.output_marginal import (
     NonConjugateError,
     OutputMarginal,
     supports_output_marginal,
@@ -20,9 +19,9 @@ N = 30
 def _model(kind: str):
     if kind == "xox":
         return bf.Regressor(bf.XOXLinear(5, 3, genes=3)), torch.randn(N, 5, dtype=torch.float64)
-    layer = bf.CPFusion((3, 4), 2, max_rank=3, main_effects=True)
-    return bf.Regressor(layer), [torch.randn(N, 3, dtype=torch.float64),
-                                 torch.randn(N, 4, dtype=torch.float64)]  # fmt: skip
+    layer = bf.CPFusion((3, 4), 2, max_rank=3, main_effects=kind == "cp_main_effects")
+    inputs = [torch.randn(N, 3, dtype=torch.float64), torch.randn(N, 4, dtype=torch.float64)]
+    return bf.Regressor(layer), inputs
 
 
 def _point(model, seed=0):
@@ -62,7 +61,7 @@ def _dense_design(layer, values, inputs):
     return design, torch.cat([stds[s].double() for s in outs])
 
 
-@pytest.mark.parametrize("kind", ["xox", "cp_main_effects"])
+@pytest.mark.parametrize("kind", ["xox", "cp", "cp_main_effects"])
 def test_potential_is_the_dense_marginal(kind):
     model, inputs = _model(kind)
     layer = model.layer.double()
@@ -160,3 +159,11 @@ def test_nonlinear_layers_keep_their_output_sites():
                progress=False, marginalize=True)  # fmt: skip
     assert not supports_output_marginal(bf.Classifier(bf.XOXLinear(4, 2, genes=2)), (x, y))
     assert not supports_output_marginal(bf.Regressor(bf.XOXLinear(4, 2, genes=2), 40), (x, y))
+
+
+def test_cp_regression_is_supported_on_full_batches_only():
+    x = [torch.randn(N, 3), torch.randn(N, 4)]
+    y = torch.randn(N, 2)
+    assert supports_output_marginal(bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=2)), (x, y))
+    minibatched = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=2), num_data=10 * N)
+    assert not supports_output_marginal(minibatched, (x, y))

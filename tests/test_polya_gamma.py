@@ -11,8 +11,8 @@ import torch
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_classification
-from bayes_fusion.infer.diagnostics import r_hat_and_ess
-from bayes_fusion.infer.polya_gamma import COEF_SITE, PolyaGammaPotential, supports_polya_gamma
+from bayes_fusion.infer.mcmc.diagnostics import r_hat_and_ess
+from bayes_fusion.infer.mcmc.polya_gamma import COEF_SITE, PolyaGammaPotential, supports_polya_gamma
 from tests.test_output_marginal import _dense_design
 
 N = 40
@@ -196,7 +196,7 @@ def test_gibbs_chain_and_plain_nuts_agree_on_a_small_posterior():
                          warmup_steps=150, num_chains=2, progress=False, seed=1,
                          init_steps=300, marginalize=option, max_tree_depth=6)  # fmt: skip
         assert res.info["polya_gamma"] is option
-        draws = res.predict(test.inputs, return_samples=True)["samples"][..., 1]
+        draws = res.predict(test.inputs, return_samples=True)["mean_samples"][..., 1]
         chains = draws.reshape(2, 200, -1)
         ess = torch.tensor([r_hat_and_ess(chains[..., j])[1] for j in range(draws.shape[-1])])
         means[option], errors[option] = draws.mean(0), draws.std(0) / ess.sqrt()

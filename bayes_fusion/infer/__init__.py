@@ -1,26 +1,26 @@
-"""Inference. :func:`fit` is the entry point; each method lives in its own module:
+"""Inference: everything that fits a model, and nothing else. :func:`fit` is the entry point.
 
 * :mod:`.dispatch` -- ``fit()``: checks the guide and the option names, hands over;
-* :mod:`.svi` -- :func:`fit_svi` and its loop; :mod:`.svi_step` one step (KL warm-up, the
-  loss choice, non-finite gradients); :mod:`.batches` the rows each step sees (minibatches,
-  distributed shards);
-* :mod:`.nuts` -- :func:`fit_nuts`; :mod:`.mcmc` the generic NUTS path and what the paths
-  share (MAP start, chains); :mod:`.potential` its potential, :mod:`.output_marginal` the same
-  for a Gaussian regression with the output sites integrated out; :mod:`.mcmc_collapsed` the
-  collapsed ``Regressor(CPFusion)`` path;
-* :mod:`.result` -- :class:`FitResult` (draws, predict, diagnostics, save) and :func:`load`;
-  :mod:`.persist` the checkpoint file format; :mod:`.faults` numerical trouble;
-  :mod:`.data` model arguments and seeds.
+* :mod:`.svi` -- :func:`fit_svi` and everything it runs on (loop, step, ELBO engines, fused
+  steps, optimizer, guide presets, minibatches, distributed);
+* :mod:`.mcmc` -- :func:`fit_nuts` and everything it runs on (the potential protocol and the
+  potentials, chain starts, running chains, diagnostics);
+* :mod:`.result` -- :class:`FitResult` (draws, prediction, diagnostics, save) and :func:`load`,
+  one result type for every method; :mod:`.persist` the checkpoint file format;
+* shared by both: :mod:`.data` (model arguments, seeds), :mod:`.faults` (numerical trouble),
+  :mod:`.log_joint` (a model's log density read off as it runs), :mod:`.compiled`
+  (``torch.compile`` with an eager fallback), :mod:`.seams` (every private attribute of Pyro
+  and torch the package uses).
 """
 
-from .data import model_latent_shapes, sample_guide, slice_rows
+from .data import model_latent_shapes, sample_guide, seeded, slice_rows
 from .dispatch import auto_guide, fit
 from .faults import NonFiniteLossError
-from .mcmc import MAP_RESTARTS
-from .nuts import fit_nuts
+from .mcmc.nuts import fit_nuts
+from .mcmc.starts import MAP_RESTARTS
 from .persist import read_state, save_state
 from .result import FitResult, load
-from .svi import fit_svi
+from .svi.loop import fit_svi
 
 __all__ = [
     "MAP_RESTARTS",
@@ -35,5 +35,6 @@ __all__ = [
     "read_state",
     "sample_guide",
     "save_state",
+    "seeded",
     "slice_rows",
 ]

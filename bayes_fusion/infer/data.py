@@ -1,10 +1,13 @@
-"""Model arguments and RNG seeds: rows, row slicing, finiteness checks, latent-site shapes and
-guide draws. No Pyro inference here: every inference method builds on these."""
+"""Model arguments and RNG seeds: rows, row slicing, finiteness checks, latent-site shapes,
+guide draws, and the fits' own seeded random streams. No Pyro inference here: every inference
+method builds on these."""
 
 from __future__ import annotations
 
 import contextlib
+import random
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -14,7 +17,8 @@ from torch import Tensor
 from .._checks import check_positive_int
 
 __all__ = [
-    "apply_seed",
+    "seeded",
+    "torch_rng_kept",
     "intra_op_threads",
     "check_args_finite",
     "model_latent_shapes",
@@ -24,16 +28,36 @@ __all__ = [
 ]
 
 
-def apply_seed(seed: int | None) -> None:
-    """Seed Python's, numpy's and torch's RNGs (``pyro.set_rng_seed``); ``None`` leaves them.
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Context manager: inside, Python's, NumPy's and torch's RNGs (CPU and every CUDA device)
+    start from ``seed`` (``pyro.set_rng_seed``); on exit they are back where the caller left
+    them, so a fit's own draws never change the caller's random streams (a bootstrap loop
+    around ``fit`` keeps drawing new resamples). ``None``: the global streams are used, and
+    advanced, as they are.
 
     :raises TypeError: ``seed`` is neither an int nor ``None``.
     """
     if seed is None:
+        yield
         return
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int or None, got {seed!r}")
-    pyro.set_rng_seed(seed)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch_rng_kept():
+            pyro.set_rng_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def torch_rng_kept():
+    """Context manager: torch's random states (CPU and every CUDA device) are back where they
+    were when it closes, whatever was drawn inside."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 @contextlib.contextmanager

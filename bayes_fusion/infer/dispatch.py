@@ -9,11 +9,11 @@ import inspect
 from pyro.infer.autoguide import AutoGuide
 
 from .._checks import check_choice
-from ..guides import GUIDES
 from ..models import Classifier
-from .nuts import fit_nuts
+from .mcmc.nuts import fit_nuts
 from .result import FitResult
-from .svi import fit_svi
+from .svi.guides import GUIDES
+from .svi.loop import fit_svi
 
 __all__ = ["fit", "auto_guide"]
 

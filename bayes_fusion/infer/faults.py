@@ -9,7 +9,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from ..guides import rank_layers
+from ..layers.base import rank_layers
 from ..rank import effective_rank_draws
 
 __all__ = ["NonFiniteLossError", "non_finite_error", "warn_on_collapse"]

@@ -14,11 +14,11 @@ from torch import Tensor
 
 from .._checks import check_positive_int
 from .._version import __version__
-from ..guides import make_guide
 from ..models import Classifier
-from .data import model_latent_shapes, sample_guide, slice_rows
-from .diagnostics import invariant_draws, r_hat_and_ess
+from .data import model_latent_shapes, sample_guide, seeded, slice_rows
+from .mcmc.diagnostics import invariant_draws, r_hat_and_ess
 from .persist import CHECKPOINT_FORMAT, read_state, save_state
+from .svi.guides import make_guide
 
 __all__ = ["FitResult", "load"]
 
@@ -45,6 +45,7 @@ class FitResult:
         info: dict | None = None,
         optim_state: dict | None = None,
         param_state: dict | None = None,
+        sample_stats: dict[str, Tensor] | None = None,
     ) -> None:
         self.model = model
         self.guide = guide
@@ -53,6 +54,8 @@ class FitResult:
         self.losses = list(losses or [])
         self.mcmc_samples = mcmc_samples
         self.info = dict(info or {})
+        #: MCMC: per-draw sampler statistics, name -> ``(chains, draws)`` (``None`` for SVI)
+        self.sample_stats = sample_stats
         self.optim_state = optim_state
         # the parameter-store scope of this fit (see ParamStoreDict.scope)
         self._param_state = (
@@ -74,25 +77,33 @@ class FitResult:
         with the same parameter names coexist)."""
         return pyro.get_param_store().scope(self._param_state)
 
-    def posterior_samples(
-        self, num_samples: int = 200, group_by_chain: bool = False, seed: int | None = None
-    ) -> dict[str, Tensor]:
-        """Posterior draws of every latent site.
+    #: guide draws :meth:`get_samples` makes for an SVI fit when ``num_samples`` is not given
+    DEFAULT_GUIDE_DRAWS = 200
 
-        :param num_samples: SVI: number of guide draws. MCMC: ignored (all draws are returned).
-        :param group_by_chain: MCMC: keep the chain axis, ``(C, D, ...)``; SVI: one chain,
-            ``(1, S, ...)``.
-        :param seed: optional RNG seed for the guide draws.
-        :returns: site name -> tensor ``(S, ...)`` (or ``(C, D, ...)``).
+    def get_samples(
+        self,
+        num_samples: int | None = None,
+        group_by_chain: bool = False,
+        seed: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Posterior draws of every latent site, as NumPyro's ``MCMC.get_samples``.
+
+        :param num_samples: MCMC: ``None`` (default) returns every draw; a number returns that
+            many, evenly spaced over the pooled draws (per chain with ``group_by_chain``, where
+            it must be a multiple of the chains); more than the fit has raises ``ValueError``.
+            SVI: draws from the guide (``None``: :attr:`DEFAULT_GUIDE_DRAWS`).
+        :param group_by_chain: keep a chain axis, ``(chains, draws, ...)`` (SVI: one chain of
+            independent guide draws, ``(1, S, ...)``).
+        :param seed: seed of the guide draws (SVI); the caller's global RNG streams are left as
+            they were. ``None``: draw from the global streams.
+        :returns: site name -> tensor ``(S, ...)`` (or ``(chains, draws, ...)``).
         """
         if self.is_mcmc:
-            if group_by_chain:
-                return dict(self.mcmc_samples)
-            return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.mcmc_samples.items()}
-        num_samples = check_positive_int("num_samples", num_samples)
-        if seed is not None:
-            pyro.set_rng_seed(seed)
-        with self.param_scope():
+            return self._mcmc_draws(num_samples, group_by_chain)
+        num_samples = check_positive_int(
+            "num_samples", self.DEFAULT_GUIDE_DRAWS if num_samples is None else num_samples
+        )
+        with seeded(seed), self.param_scope():
             draws = sample_guide(
                 self.guide, self.args, num_samples, self._latent_shapes, self._nesting
             )
@@ -100,10 +111,82 @@ class FitResult:
             draws = {k: v.unsqueeze(0) for k, v in draws.items()}
         return draws
 
+    def posterior_samples(
+        self,
+        num_samples: int | None = None,
+        group_by_chain: bool = False,
+        seed: int | None = None,
+    ) -> dict[str, Tensor]:
+        """The same as :meth:`get_samples` (the name Pyro's ``Predictive`` uses for them)."""
+        return self.get_samples(num_samples, group_by_chain, seed)
+
+    def posterior_draws(self, guide_draws: int, group_by_chain: bool = False) -> dict:
+        """What the summaries (rank posterior, ArviZ export, pruning) are computed from: every
+        MCMC draw, or ``guide_draws`` draws of an SVI fit's guide.
+
+        :param guide_draws: draws of the guide (ignored for MCMC).
+        :param group_by_chain: as :meth:`get_samples`.
+        """
+        return self.get_samples(None if self.is_mcmc else guide_draws, group_by_chain)
+
+    def _mcmc_draws(self, num_samples: int | None, group_by_chain: bool) -> dict[str, Tensor]:
+        chains, per_chain = next(iter(self.mcmc_samples.values())).shape[:2]
+        if num_samples is None:
+            draws = dict(self.mcmc_samples)
+        else:
+            num_samples = check_positive_int("num_samples", num_samples)
+            total = chains * per_chain
+            if num_samples > total:
+                raise ValueError(
+                    f"num_samples: expected at most the fit's {total} draws "
+                    f"({chains} chains x {per_chain}), got {num_samples}"
+                )
+            if group_by_chain and num_samples % chains:
+                raise ValueError(
+                    f"num_samples: with group_by_chain=True expected a multiple of the "
+                    f"{chains} chains, got {num_samples}"
+                )
+            keep = num_samples // chains if group_by_chain else num_samples
+            size = per_chain if group_by_chain else total
+            index = torch.linspace(0, size - 1, keep).round().long()
+            if group_by_chain:
+                return {k: v[:, index] for k, v in self.mcmc_samples.items()}
+            flat = {k: v.reshape((total,) + v.shape[2:]) for k, v in self.mcmc_samples.items()}
+            return {k: v[index] for k, v in flat.items()}
+        if group_by_chain:
+            return draws
+        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in draws.items()}
+
+    def predictive(
+        self,
+        *args,
+        num_samples: int | None = None,
+        return_sites: tuple[str, ...] | None = None,
+        chunk_size: int = 100,
+        seed: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Posterior predictive draws of the model's sites at new inputs, as
+        ``pyro.infer.Predictive`` returns them: site -> ``(S, ...)``, one entry per posterior
+        draw (the observed site ``obs`` holds new observations; ``_RETURN`` the model's return
+        value, e.g. the mean prediction or the logits).
+
+        :param args: model inputs without targets, e.g. ``(inputs,)``.
+        :param num_samples: posterior draws, as :meth:`get_samples`.
+        :param return_sites: the sites to return (default ``("obs", "_RETURN")``).
+        :param chunk_size: draws pushed through the model at once (bounds memory).
+        :param seed: seed of this call's draws; the global RNG streams are left as they were.
+        """
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+        sites = list(return_sites or ("obs", "_RETURN"))
+        with seeded(seed):
+            draws = self.get_samples(num_samples)
+            parts = list(self.predictive_chunks(draws, args, sites, chunk_size))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
     def predict(
         self,
         *args,
-        num_samples: int = 200,
+        num_samples: int | None = None,
         chunk_size: int = 100,
         interval: float = 0.9,
         return_samples: bool = False,
@@ -113,25 +196,31 @@ class FitResult:
 
         Draws are pushed through the model ``chunk_size`` at a time (vectorized), so memory is
         bounded by the chunk, not by ``num_samples``; the observed targets are never passed.
+        For the draws themselves, per site, see :meth:`predictive`.
 
         :param args: model inputs (without targets), e.g. ``(inputs,)``.
-        :param num_samples: number of posterior draws (SVI); MCMC uses all its draws.
-        :param interval: mass of the central predictive interval.
-        :param return_samples: also return the draws (``"samples"``: ``(S, N, P)``).
-        :returns: regression: ``mean``, ``std``, ``lower``, ``upper`` of new observations
-            (shape ``(N, P)``); classification: ``probs`` ``(N, C)``, the posterior predictive
-            class probabilities (``mean`` is the same tensor), and ``std``, ``lower``,
-            ``upper`` ``(N, C)``: the spread and central ``interval`` of each class probability
-            over posterior draws (MAP: no spread, the interval collapses onto ``probs``).
+        :param num_samples: posterior draws, as :meth:`get_samples` (MCMC: all by default).
+        :param interval: mass of the central interval.
+        :param return_samples: also return the draws the summaries come from:
+            ``"mean_samples"`` ``(S, N, P)``, the predictive mean (class probabilities) of every
+            posterior draw, and for regression ``"obs_samples"`` ``(S, N, P)``, one new
+            observation per draw.
+        :param seed: seed of this call's draws; the global RNG streams are left as they were.
+        :returns: regression: ``mean`` ``(N, P)``, the posterior predictive mean, and ``std``,
+            ``lower``, ``upper`` ``(N, P)``: the spread and central ``interval`` of a *new
+            observation* (posterior predictive interval, noise included); classification:
+            ``probs`` ``(N, C)``, the posterior predictive class probabilities (``mean`` is the
+            same tensor), and ``std``, ``lower``, ``upper`` ``(N, C)``: the spread and central
+            ``interval`` of each class probability over posterior draws (a credible interval
+            of ``p(y = c | x)``; MAP: no spread, the interval collapses onto ``probs``).
         """
         if not 0 < interval < 1:
             raise ValueError(f"interval: expected a number in (0, 1), got {interval!r}")
         chunk_size = check_positive_int("chunk_size", chunk_size)
-        if seed is not None:
-            pyro.set_rng_seed(seed)
         classify = isinstance(self.model, Classifier)
-        draws = self.posterior_samples(num_samples)
-        mean_draws, obs = self._predictive_draws(draws, args, chunk_size, observations=True)
+        with seeded(seed):
+            draws = self.get_samples(num_samples)
+            mean_draws, obs = self._predictive_draws(draws, args, chunk_size, observations=True)
         # classification: the interval is over the class probabilities themselves (how sure
         # the posterior is of p(y = c | x)); regression: over new observations
         samples = mean_draws if classify or obs is None else obs
@@ -141,7 +230,9 @@ class FitResult:
         if classify:
             result["probs"] = result["mean"]
         if return_samples:
-            result["samples"] = mean_draws
+            result["mean_samples"] = mean_draws
+            if not classify and obs is not None:
+                result["obs_samples"] = obs
         return result
 
     def predictive_chunks(
@@ -167,10 +258,11 @@ class FitResult:
     def diagnostics(self, *args) -> dict[str, Any]:
         """MCMC diagnostics on label-switching-invariant quantities (see
         :mod:`bayes_fusion.infer.diagnostics`): divergences per chain, and r-hat / ESS of
-        every rank layer's sorted scales (``"layer.rank_scale (sorted)"``), sorted relevances
-        (``"layer.relevance (sorted)"``) and effective rank (``"layer.effective_rank"``), of
+        every rank layer's sorted scales (``"layer.rank_scale_sorted"``), sorted relevances
+        (``"layer.relevance_sorted"``) and effective rank (``"layer.effective_rank"``) -- the
+        names :func:`~bayes_fusion.to_inference_data` gives them --, of
         every site outside the rank layers, and -- given model inputs -- of the posterior
-        predictive mean at those points (``"predictive mean"``; class probabilities for a
+        predictive mean at those points (``"predictive_mean"``; class probabilities for a
         ``Classifier``). Raw factor sites are not diagnosed: chains may hold the same mode in
         different component orders. Warns when an r-hat exceeds 1.01 or a transition diverged.
 
@@ -184,7 +276,7 @@ class FitResult:
             )
         quantities = invariant_draws(self.model, self.mcmc_samples)
         if args:
-            quantities["predictive mean"] = self._chain_predictive_means(args)
+            quantities["predictive_mean"] = self._chain_predictive_means(args)
         r_hat, ess = {}, {}
         for name, value in quantities.items():
             if value.shape[1] >= 4:
@@ -239,6 +331,7 @@ class FitResult:
             "guide_state": None if self.guide is None else self.guide.state_dict(),
             "optim_state": self.optim_state,
             "mcmc_samples": self.mcmc_samples,
+            "sample_stats": self.sample_stats,
             "example_args": example,
             "latent_shapes": {k: list(v) for k, v in self._latent_shapes.items()},
         }
@@ -297,5 +390,6 @@ def load(path: str | os.PathLike, model, guide=None) -> FitResult:
         state["info"],
         state["optim_state"],
         param_state=param_state,
+        sample_stats=state.get("sample_stats"),
     )
     return result

@@ -1,6 +1,6 @@
 """PyroModule layers with rank priors and their deterministic twins."""
 
-from .base import RankLayer
+from .base import RankLayer, layer_init_values, rank_layers
 from .cp import CPFusion
 from .deterministic import DeterministicCPFusion, DeterministicXOXLinear
 from .interop import (
@@ -21,4 +21,6 @@ __all__ = [
     "cp_to_tltorch",
     "cpfusion_values_from_tltorch",
     "cpfusion_values_to_tltorch",
+    "layer_init_values",
+    "rank_layers",
 ]

@@ -159,3 +159,20 @@ class RankLayer(PyroModule):
             raise ValueError(
                 f"{name}: expected a tensor on {like.device} (the layer's device), got {x.device}"
             )
+
+
+def rank_layers(model: torch.nn.Module) -> dict[str, RankLayer]:
+    """All rank-bearing layers of ``model`` (module path -> layer), found by walking it."""
+    if isinstance(model, RankLayer):
+        return {"": model}
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, RankLayer)}
+
+
+def layer_init_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Initial values (full site name -> tensor) of every rank-bearing layer in ``model``."""
+    values = {}
+    for layer in rank_layers(model).values():
+        values.update(layer.init_values())
+    return values

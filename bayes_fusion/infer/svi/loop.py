@@ -17,15 +17,22 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuide, init_to_value
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_positive_float, check_positive_int
-from ..guides import GUIDES, layer_init_values, make_guide
-from .batches import BatchStream, configure_batching, prototype_args, start_distributed
-from .data import apply_seed, check_args_finite, intra_op_threads, num_rows
-from .faults import non_finite_error, warn_on_collapse
+from ..._checks import check_choice, check_positive_float, check_positive_int
+from ...layers.base import layer_init_values
+from ..data import check_args_finite, intra_op_threads, num_rows, seeded
+from ..faults import non_finite_error, warn_on_collapse
+from ..persist import read_state
+from ..result import FitResult
+from .batches import (
+    BatchStream,
+    configure_batching,
+    kept_num_data,
+    prototype_args,
+    start_distributed,
+)
 from .fused import FusedSteps, fused_or_none
-from .persist import read_state
-from .result import FitResult
-from .svi_step import SVIStepper, default_optimizer
+from .guides import GUIDES, make_guide
+from .step import SVIStepper, default_optimizer
 
 __all__ = ["fit_svi"]
 
@@ -69,8 +76,11 @@ def fit_svi(
         whose learning rate decays geometrically to ``final_lr_fraction * lr``.
     :param num_particles: ELBO particles; vectorized when ``vectorize_particles``.
     :param batch_size: minibatch size (``None``: full batch). Rows are reshuffled every epoch;
-        the model's ``num_data`` is set so the likelihood is scaled by ``N / batch_size``.
-    :param seed: RNG seed (same seed -> same result on CPU); ``None`` leaves RNGs alone.
+        during the fit the model's ``num_data`` is set so the likelihood is scaled by
+        ``N / batch_size``; afterwards it is back to what it was.
+    :param seed: seed of this fit's own random draws (same seed -> same result on CPU); the
+        caller's global RNG streams (``random``, NumPy, torch) are left as they were. ``None``:
+        draw from (and advance) the global streams.
     :param progress: show a tqdm progress bar.
     :param early_stopping: stop when the smoothed loss has not improved by a relative
         ``early_stopping_tol`` for this many steps (``None``: run all steps).
@@ -132,19 +142,30 @@ def fit_svi(
         (100, 'meanfield')
     """
     num_steps, lr, num_particles, checkpoint_every = _checked_numbers(
-        model, guide, distributed, jit, num_steps, lr, num_particles, checkpoint_every
+        model,
+        guide,
+        distributed=distributed,
+        jit=jit,
+        num_steps=num_steps,
+        lr=lr,
+        num_particles=num_particles,
+        checkpoint_every=checkpoint_every,
     )
     threads = intra_op_threads(num_threads)
-    apply_seed(seed)
     check_args_finite(args)
     rows = num_rows(args)
-    sync = None
-    if distributed:
-        sync = start_distributed(model, args, rows, batch_size, distributed_timeout)
-    batch_size = configure_batching(model, rows, batch_size, sync)
-
-    # train in a private parameter-store scope: fits never collide by parameter name
-    with threads, pyro.get_param_store().scope() as param_state:
+    # the fit's own random streams, the model's dataset size as the caller left it, and a
+    # private parameter-store scope (fits never collide by parameter name)
+    with (
+        threads,
+        seeded(seed),
+        kept_num_data(model),
+        pyro.get_param_store().scope() as param_state,
+    ):
+        sync = None
+        if distributed:
+            sync = start_distributed(model, args, rows, batch_size, distributed_timeout)
+        batch_size = configure_batching(model, rows, batch_size, sync)
         proto_args = prototype_args(args, batch_size, rows, sync)
         method, guide_obj = _build_guide(guide, model, proto_args, init_scale)
         optim = optimizer or default_optimizer(lr, num_steps, final_lr_fraction)
@@ -155,12 +176,25 @@ def fit_svi(
             guide_obj(*proto_args)
         losses = _restore(resume, guide_obj, optim, gen)
         stepper = SVIStepper(
-            model, guide_obj, optim, num_particles, vectorize_particles, jit, direct_elbo, sync,
-            num_steps,
-        )  # fmt: skip
-        fused = fused_or_none(stepper.direct, optim, jit == "fused", _unfusable(
-            batch_size, rows, callback, early_stopping, checkpoint_path, sync
-        ))  # fmt: skip
+            model,
+            guide_obj,
+            optim,
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+            jit=jit,
+            direct_elbo=direct_elbo,
+            sync=sync,
+            num_steps=num_steps,
+        )
+        unfusable = _unfusable(
+            batch_size=batch_size,
+            rows=rows,
+            callback=callback,
+            early_stopping=early_stopping,
+            checkpoint_path=checkpoint_path,
+            sync=sync,
+        )
+        fused = fused_or_none(stepper.direct, optim, jit == "fused", unfusable)
         warmup = int(kl_warmup * num_steps)
         if sync is not None:
             # start every rank from rank 0's values, as DDP does
@@ -169,22 +203,37 @@ def fit_svi(
         run = _Run(model, guide_obj, method, args, optim, gen, sync, checkpoint_path)
         t0 = time.perf_counter()
         last_step = _run_steps(
-            stepper, iter(batches), losses, num_steps, warmup, method, progress, callback,
-            _EarlyStopping(early_stopping, early_stopping_tol),
-            run if checkpoint_path is not None else None, checkpoint_every, fused,
-        )  # fmt: skip
+            stepper,
+            iter(batches),
+            losses,
+            num_steps=num_steps,
+            warmup=warmup,
+            method=method,
+            progress=progress,
+            callback=callback,
+            stopper=_EarlyStopping(early_stopping, early_stopping_tol),
+            checkpoints=run if checkpoint_path is not None else None,
+            checkpoint_every=checkpoint_every,
+            fused=fused,
+        )
         if sync is not None:
             sync.check_in_sync(last_step)
         info = {
-            "seconds": time.perf_counter() - t0, "steps": last_step, "kl_warmup_steps": warmup,
-            "compile_seconds": stepper.compile_seconds, **(fused.report() if fused else {}),
-        }  # fmt: skip
+            "seconds": time.perf_counter() - t0,
+            "steps": last_step,
+            "kl_warmup_steps": warmup,
+            "loss_engine": "fused"
+            if fused is not None and fused.failed is None
+            else stepper.engine,
+            "compile_seconds": stepper.compile_seconds,
+            **(fused.report() if fused else {}),
+        }
         result = run.finish(losses, info, param_state)
         warn_on_collapse(result)
         return result
 
 
-def _unfusable(batch_size, rows, callback, early_stopping, checkpoint_path, sync) -> str:
+def _unfusable(*, batch_size, rows, callback, early_stopping, checkpoint_path, sync) -> str:
     """Which of fit_svi's options rules out fused steps ('' when none does)."""
     for name, value in (
         ("batch_size", batch_size is not None and batch_size < rows),
@@ -199,7 +248,7 @@ def _unfusable(batch_size, rows, callback, early_stopping, checkpoint_path, sync
 
 
 def _checked_numbers(
-    model, guide, distributed, jit, num_steps, lr, num_particles, checkpoint_every
+    model, guide, *, distributed, jit, num_steps, lr, num_particles, checkpoint_every
 ):
     """Validate fit_svi's model, guide name and numbers (each error names its argument)."""
     if not callable(model):
@@ -229,9 +278,15 @@ class _Run:
     def _result(self, losses, info, param_state=None) -> FitResult:
         info = {**info, "rng_state": _rng_state(self.generator)}
         return FitResult(
-            self.model, self.guide, self.method, self.args, losses, info=info,
-            optim_state=self.optim.get_state(), param_state=param_state,
-        )  # fmt: skip
+            self.model,
+            self.guide,
+            self.method,
+            self.args,
+            losses,
+            info=info,
+            optim_state=self.optim.get_state(),
+            param_state=param_state,
+        )
 
     def _writes(self) -> bool:
         return self.path is not None and (self.sync is None or self.sync.rank == 0)
@@ -306,15 +361,16 @@ def _run_steps(
     stepper: SVIStepper,
     batches,
     losses: list[float],
+    *,
     num_steps: int,
     warmup: int,
     method: str,
     progress: bool,
     callback,
     stopper: _EarlyStopping,
-    run: _Run | None,
+    checkpoints: _Run | None,
     checkpoint_every: int,
-    fused: FusedSteps | None = None,
+    fused: FusedSteps | None,
 ) -> int:
     """The training loop from ``len(losses)`` to ``num_steps``; appends to ``losses`` and
     returns the number of steps done in all (a resumed fit counts its earlier steps). With
@@ -322,9 +378,12 @@ def _run_steps(
     sync = stepper.sync
     start_step = step = len(losses)
     bar = tqdm(
-        disable=not progress, desc=f"fit[{method}]", initial=start_step, total=num_steps,
+        disable=not progress,
+        desc=f"fit[{method}]",
+        initial=start_step,
+        total=num_steps,
         leave=False,
-    )  # fmt: skip
+    )
     try:
         while step < num_steps:
             if fused is not None and step > start_step:
@@ -334,8 +393,10 @@ def _run_steps(
                 if progress and done:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}")
                 continue
-            # the first step of a run goes through Pyro, which validates model and guide
-            loss = stepper(next(batches), step, _kl_weight(step, warmup), step == start_step)
+            batch = next(batches)
+            if step == start_step:  # Pyro checks model and guide once, before the first step
+                stepper.check(batch, step)
+            loss = stepper(batch, step, _kl_weight(step, warmup))
             losses.append(loss)
             step += 1
             bar.update(1)
@@ -349,10 +410,10 @@ def _run_steps(
                     break
             if stopper(loss):
                 break
-            if run is not None and step % checkpoint_every == 0:
+            if checkpoints is not None and step % checkpoint_every == 0:
                 if sync is not None:
                     sync.check_in_sync(step)
-                run.checkpoint(losses)
+                checkpoints.checkpoint(losses)
     finally:
         if fused is not None:
             fused.write_back()

@@ -29,6 +29,9 @@ import pyro
 import torch
 from torch import Tensor
 
+from ..seams import private_code
+from .optim import FusedClippedAdam, adam_step_size, clipped_adam_update
+
 __all__ = ["FUSED_STEPS", "FusedSteps"]
 
 #: steps per compiled call: 8 makes a small model's step about 4x faster than ``jit=True``
@@ -53,8 +56,7 @@ class FusedSteps:
         self.compile_seconds = 0.0
         # a private copy of the chunk's code per instance: dynamo caches compiled graphs per
         # code object and stops compiling one after a few recompilations (one per fit)
-        code = FusedSteps._chunk.__code__
-        chunk = types.FunctionType(code.replace(co_name=f"_chunk_{id(self):x}"), globals())
+        chunk = private_code(FusedSteps._chunk, f"_chunk_{id(self):x}")
         self._compiled = torch.compile(
             types.MethodType(chunk, self),
             fullgraph=True,
@@ -75,8 +77,6 @@ class FusedSteps:
 
     def _chunk(self, theta, m, v, t0, lr0, betas, active, obs_scale, batch):
         args = self.optim.args
-        beta1, beta2 = args["betas"]
-        lrd, clip, eps = args["lrd"], args["clip_norm"], args["eps"]
 
         def loss_of(flat, beta):
             return self.direct._loss(beta, obs_scale, self._unflat(flat), batch)
@@ -88,13 +88,18 @@ class FusedSteps:
             grad, loss = grad_and_loss(theta, betas[k])
             good = torch.isfinite(loss) & torch.isfinite(grad).all()
             ok = ok & good & (active > k)
-            t = t0 + (k + 1)
-            step_size = lr0 * lrd ** (k + 1) * torch.sqrt(1 - beta2**t) / (1 - beta1**t)
-            grad = grad.clamp(-clip, clip)
-            m_new = beta1 * m + (1 - beta1) * grad
-            v_new = beta2 * v + (1 - beta2) * grad * grad
-            theta_new = theta - step_size * m_new / (v_new.sqrt() + eps)
-            theta = torch.where(ok, theta_new, theta)
+            lr = lr0 * args["lrd"] ** (k + 1)
+            step_size = adam_step_size(lr, t0 + (k + 1), args["betas"])
+            (delta,), (m_new,), (v_new,) = clipped_adam_update(
+                [grad],
+                [m],
+                [v],
+                step_size,
+                betas=args["betas"],
+                eps=args["eps"],
+                clip_norm=args["clip_norm"],
+            )
+            theta = torch.where(ok, theta + delta, theta)
             m, v = torch.where(ok, m_new, m), torch.where(ok, v_new, v)
             losses.append(loss)
             finite.append(good)
@@ -110,8 +115,6 @@ class FusedSteps:
     @staticmethod
     def unsupported_reason(direct, optim) -> str:
         """Why a fit cannot run fused steps ('' when it can)."""
-        from ..optim import FusedClippedAdam
-
         if direct is None or not direct.pure:
             return "the loss is not the direct ELBO of a model with a Pyro-free log joint"
         if type(optim) is not FusedClippedAdam:
@@ -124,10 +127,11 @@ class FusedSteps:
         if len(steps) != 1 or len(lrs) != 1:
             raise RuntimeError("fused steps need one step count and learning rate for all")
         self._step0, self._lr0 = steps.pop(), lrs.pop()
-        flat = [torch.cat([t.detach().reshape(-1) for t in ts]) for ts in (
-            self.params, [s.exp_avg for s in states], [s.exp_avg_sq for s in states]
-        )]  # fmt: skip
-        self._state = flat
+        moments = ([s.exp_avg for s in states], [s.exp_avg_sq for s in states])
+        self._state = [
+            torch.cat([t.detach().reshape(-1) for t in tensors])
+            for tensors in (self.params, *moments)
+        ]
 
     def write_back(self) -> None:
         """Copy the parameters and the optimizer state back into the guide and optimizer."""

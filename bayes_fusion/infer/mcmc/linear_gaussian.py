@@ -9,7 +9,7 @@ Per output ``o``: ``y_o = A c_o + noise_o`` with the design ``A`` ``(N, k)``, co
 
 A prior ``Normal(0, diag(s^2))`` on the coefficients is the same model with the design
 ``A * s`` (and ``c * s`` the coefficients). Used by the collapsed NUTS paths
-(:mod:`bayes_fusion.marginal`, :mod:`bayes_fusion.infer.output_marginal`). Every function takes
+(:mod:`.output_marginal`, :mod:`.polya_gamma`). Every function takes
 optional leading batch dims on ``design`` and ``noise``.
 """
 

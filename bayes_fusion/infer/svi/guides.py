@@ -25,10 +25,10 @@ from pyro.infer import autoguide
 from pyro.infer.autoguide import init_to_median, init_to_value
 from pyro.poutine.util import site_is_subsample
 
-from ._checks import check_choice
-from .layers.base import RankLayer
+from ..._checks import check_choice
+from ...layers.base import layer_init_values
 
-__all__ = ["GUIDES", "FULL_COVARIANCE_MAX_DIM", "layer_init_values", "make_guide", "latent_dim"]
+__all__ = ["GUIDES", "FULL_COVARIANCE_MAX_DIM", "make_guide", "latent_dim"]
 
 GUIDES = ("map", "meanfield", "lowrank", "full")
 
@@ -42,23 +42,6 @@ _CLASSES = {
     "lowrank": autoguide.AutoLowRankMultivariateNormal,
     "full": autoguide.AutoMultivariateNormal,
 }
-
-
-def rank_layers(model: torch.nn.Module) -> dict[str, RankLayer]:
-    """All rank-bearing layers of ``model`` (module path -> layer), found by walking it."""
-    if isinstance(model, RankLayer):
-        return {"": model}
-    if not isinstance(model, torch.nn.Module):
-        return {}
-    return {name: m for name, m in model.named_modules() if isinstance(m, RankLayer)}
-
-
-def layer_init_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Initial values (full site name -> tensor) of every rank-bearing layer in ``model``."""
-    values = {}
-    for layer in rank_layers(model).values():
-        values.update(layer.init_values())
-    return values
 
 
 def latent_dim(model, *args, **kwargs) -> int:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import time
-import types
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .seams import private_code
 
 __all__ = ["CompiledFunction", "flatten_tensors", "unflatten_tensors"]
 
@@ -124,8 +125,7 @@ class CompiledFunction:
         # a private code object per instance and structure: dynamo keeps its compiled graphs
         # (and counts recompilations, giving up after 8) per code object, so one shared
         # ``flat`` would stop compiling after a few fits in one process
-        code = flat.__code__.replace(co_name=f"flat_{id(self):x}_{len(self._cache)}")
-        return types.FunctionType(code, flat.__globals__, closure=flat.__closure__)
+        return private_code(flat, f"flat_{id(self):x}_{len(self._cache)}")
 
     def __call__(self, *args) -> Tensor:
         if self.failed is not None:
@@ -142,8 +142,7 @@ class CompiledFunction:
                 return self.fn(*args)
             self._cache[key] = compiled
             return out  # the checked first output
-        with _eager_random_streams():
-            return compiled(*tensors)
+        return compiled(*tensors)
 
     def _compile(self, spec, tensors):
         """Compile, run once, check against the eager function: (compiled, its output) or
@@ -153,8 +152,10 @@ class CompiledFunction:
         start = _RandomState(device)
         t0 = time.perf_counter()
         try:
-            compiled = torch.compile(flat, fullgraph=True, dynamic=False)
-            with _eager_random_streams(), warnings.catch_warnings():
+            compiled = torch.compile(
+                flat, fullgraph=True, dynamic=False, options={"fallback_random": True}
+            )
+            with warnings.catch_warnings():
                 # the compiler's own use of deprecated torch APIs is nothing a caller can act on
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
@@ -197,10 +198,3 @@ class CompiledFunction:
         warnings.warn(f"{self.name}: {reason}; running it eagerly", RuntimeWarning, stacklevel=4)
         start.restore()
         return None, None
-
-
-def _eager_random_streams():
-    """Inductor draws random numbers as the eager ops do (same generator, same order)."""
-    import torch._inductor.config
-
-    return torch._inductor.config.patch(fallback_random=True)

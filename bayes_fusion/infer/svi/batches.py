@@ -3,13 +3,35 @@ reshuffled global batches, and (distributed) this process's shard of each."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .. import distributed as bfdist
-from .._checks import check_positive_int
-from .data import slice_rows
+from ..._checks import check_positive_int
+from ..data import slice_rows
+from . import distributed as bfdist
 
-__all__ = ["BatchStream", "configure_batching", "prototype_args", "start_distributed"]
+__all__ = [
+    "BatchStream",
+    "configure_batching",
+    "kept_num_data",
+    "prototype_args",
+    "start_distributed",
+]
+
+
+@contextlib.contextmanager
+def kept_num_data(model):
+    """Context manager: the model's ``num_data`` (the dataset size its likelihood is scaled to),
+    which a fit sets for minibatches or shards, is back to its value on entry when it closes."""
+    if not hasattr(model, "num_data"):
+        yield
+        return
+    before = model.num_data
+    try:
+        yield
+    finally:
+        model.num_data = before
 
 
 def configure_batching(model, rows: int | None, batch_size: int | None, sync) -> int | None:

@@ -1,5 +1,5 @@
-"""The generic NUTS potential for a Gaussian ``Regressor`` around any rank layer, with the
-layer's output sites integrated out.
+"""The NUTS potential of a Gaussian ``Regressor`` around any rank layer (``CPFusion`` with or
+without main effects, ``XOXLinear``), with the layer's output sites integrated out.
 
 The layer's *output sites* (:meth:`output_sites`: ``CPFusion``'s output factor, bias and main
 effects, ``XOXLinear``'s ``x_out`` and bias) have independent Normal priors, i.i.d. along their
@@ -7,13 +7,12 @@ first (output) axis, and given every other site the prediction is linear in them
 ``(K,)`` the entries of row ``o`` of every output site, ``pred[:, o] = D w_o``, where the design
 ``D`` ``(N, K)`` is the layer's output when row ``j`` of the output sites is the unit vector
 ``e_j`` (``K`` made-up outputs). With ``w_o ~ Normal(0, diag(s^2))``, the regression
-``y_o = D w_o + noise`` is the one of :mod:`bayes_fusion.linear_gaussian` with design
+``y_o = D w_o + noise`` is the one of :mod:`.linear_gaussian` with design
 ``A = D * s``, so the output sites are integrated out exactly: NUTS samples the rest (the
-coordinates of :class:`~bayes_fusion.infer.potential.ModelPotential`) under the marginal
+coordinates of :class:`~.potential.ModelPotential`) under the marginal
 likelihood, and :meth:`OutputMarginal.complete` draws the output sites from their exact
 conditional afterwards. The output factor's scale symmetry with the other factors and its
-funnel with ``lambda`` are gone, as on the ``Regressor(CPFusion)`` collapsed path
-(:mod:`bayes_fusion.marginal`), which this generalizes to any rank layer and to main effects.
+funnel with ``lambda`` leave the sampled coordinates.
 """
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ import math
 import torch
 from torch import Tensor
 
-from .. import linear_gaussian
-from ..layers.base import RankLayer
-from ..models import Regressor
+from ...layers.base import RankLayer
+from ...models import Regressor
+from . import linear_gaussian
 from .potential import ModelPotential
 
 __all__ = ["LinearOutputs", "NonConjugateError", "OutputMarginal", "supports_output_marginal"]
@@ -145,8 +144,8 @@ class LinearOutputs(ModelPotential):
         would be wrong): checked once, at the start values."""
         values = self.init_values
         design, std, _ = self.design(values)
-        weights = {short: torch.randn(shape, dtype=design.dtype)
-                   for short, shape in self.collapsed.values()}  # fmt: skip
+        shapes = dict(self.collapsed.values())
+        weights = {short: torch.randn(shape, dtype=design.dtype) for short, shape in shapes.items()}
         flat = torch.cat([w.reshape(self.outputs, -1) for w in weights.values()], -1)
         with torch.no_grad():
             direct = self.layer.apply({**self._rest(values), **weights}, self.inputs)

@@ -1,5 +1,6 @@
-"""One SVI step: the KL warm-up weight, the choice of loss (the direct ELBO, compiled or eager;
-Pyro's ``Trace_ELBO``), the default optimizer, and the refusal to apply non-finite gradients."""
+"""One SVI step: the KL warm-up weight, the fit's one loss engine (the direct ELBO, compiled or
+eager, or Pyro's ``Trace_ELBO``), the default optimizer, and the refusal to apply non-finite
+gradients."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor
 
 from ..compiled import CompiledFunction
-from ..direct_elbo import DirectELBO
-from ..optim import FusedClippedAdam
-from .faults import non_finite_error
+from ..data import torch_rng_kept
+from ..faults import non_finite_error
+from .elbo import DirectELBO
+from .optim import FusedClippedAdam
 
 __all__ = ["PriorAnneal", "SVIStepper", "default_optimizer", "svi_step"]
 
@@ -144,16 +146,20 @@ class DirectLoss:
 
 
 class SVIStepper:
-    """The steps of one SVI fit: picks the loss once, then runs :func:`svi_step` per batch.
+    """The steps of one SVI fit: picks the fit's one loss engine, then runs :func:`svi_step`
+    per batch.
 
-    The direct ELBO (:class:`~bayes_fusion.direct_elbo.DirectELBO`) serves the preset guides
-    with one particle, compiled when ``jit`` asks for it (``None``: :func:`default_compile`);
-    otherwise Pyro's ``Trace_ELBO``.
+    The engine is the direct ELBO (:class:`~bayes_fusion.infer.svi.elbo.DirectELBO`) for the
+    preset guides with one particle, compiled when ``jit`` asks for it (``None``:
+    :func:`default_compile`); otherwise Pyro's ``Trace_ELBO``. Every step of the fit uses that
+    engine. Before the first step Pyro checks model and guide once (its validation as set:
+    shapes, supports, argument values) by evaluating the ELBO, without a step and without
+    drawing from the fit's random stream.
 
     :param model: the model. :param guide: the guide (parameters already created).
     :param optim: a ``pyro.optim`` optimizer.
     :param num_particles: ELBO particles. :param vectorize_particles: vectorize them.
-    :param jit: ``None`` / ``True`` / ``False``, as :func:`~bayes_fusion.fit_svi`.
+    :param jit: ``None`` / ``True`` / ``False`` / ``"fused"``, as :func:`~bayes_fusion.fit_svi`.
     :param direct_elbo: allow the direct ELBO.
     :param sync: the distributed gradient synchroniser, or ``None``.
     :param num_steps: the fit's number of steps (for ``jit=None``).
@@ -164,12 +170,13 @@ class SVIStepper:
         model,
         guide,
         optim,
-        num_particles,
-        vectorize_particles,
+        *,
+        num_particles: int,
+        vectorize_particles: bool,
         jit,
-        direct_elbo,
+        direct_elbo: bool,
         sync,
-        num_steps,
+        num_steps: int,
     ) -> None:
         self.model, self.guide, self.sync = model, guide, sync
         self.anneal = PriorAnneal()
@@ -192,28 +199,47 @@ class SVIStepper:
         self.svi = SVI(self.anneal(model), self.anneal(guide), optim, elbo)
 
     @property
+    def engine(self) -> str:
+        """The fit's loss engine: ``"direct"``, ``"direct (compiled)"`` or ``"Trace_ELBO"``."""
+        if self.direct is None:
+            return "Trace_ELBO"
+        return "direct" if self.direct.compiled is None else "direct (compiled)"
+
+    @property
     def compile_seconds(self) -> float | None:
         """Seconds spent compiling the loss (``None`` when it is not compiled)."""
         if self.direct is None or self.direct.compiled is None:
             return None
         return self.direct.compiled.compile_seconds
 
-    def __call__(self, batch, step: int, beta: float, validate: bool) -> float:
-        """One step on ``batch`` at KL weight ``beta``; ``validate``: through Pyro's
-        ``Trace_ELBO`` with Pyro's validation as set (the direct ELBO skips it).
+    def check(self, batch, step: int) -> None:
+        """Pyro's checks of model and guide on ``batch`` (its validation as set), by evaluating
+        the ELBO without a step; the direct ELBO skips them. The ``Trace_ELBO`` engine checks
+        on every step, so there is nothing to do for it.
+
+        :raises NonFiniteLossError: Pyro found non-finite distribution parameters.
+        """
+        if self.direct is None:
+            return
+        try:
+            with torch_rng_kept():  # the check draws nothing from the fit's random stream
+                self.svi.evaluate_loss(*batch)
+        except ValueError as exc:
+            # with validation on, Pyro refuses NaN distribution parameters; distributed, the
+            # step's non-finite loss stops every rank at once instead
+            if "invalid values" not in str(exc):
+                raise
+            if self.sync is None:
+                raise non_finite_error(step, float("nan"), self.model, self.guide, batch) from exc
+
+    def __call__(self, batch, step: int, beta: float) -> float:
+        """One step on ``batch`` at KL weight ``beta``.
 
         :raises NonFiniteLossError: the loss or a gradient is NaN/inf (names the sites).
         """
         self.anneal.beta = beta
         try:
-            loss = svi_step(
-                self.svi,
-                batch,
-                self.sync,
-                step,
-                direct=None if validate else self.direct,
-                beta=beta,
-            )
+            loss = svi_step(self.svi, batch, self.sync, step, direct=self.direct, beta=beta)
         except ValueError as exc:
             # with validation on, Pyro refuses NaN distribution parameters before the loss
             if "invalid values" not in str(exc):

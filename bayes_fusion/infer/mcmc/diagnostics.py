@@ -14,8 +14,8 @@ from __future__ import annotations
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from torch import Tensor
 
-from ..guides import rank_layers
-from ..rank import effective_rank_draws, relevance_draws
+from ...layers.base import rank_layers
+from ...rank import effective_rank_draws, relevance_draws
 
 __all__ = ["invariant_draws", "r_hat_and_ess"]
 
@@ -38,8 +38,9 @@ def invariant_draws(model, samples: dict[str, Tensor]) -> dict[str, Tensor]:
 
     :param model: the fitted model (its rank layers are found by :func:`rank_layers`).
     :param samples: site -> ``(chains, draws, ...)`` MCMC draws.
-    :returns: ``"<scale site> (sorted)"``, ``"<layer>.relevance (sorted)"`` and
-        ``"<layer>.effective_rank"`` per rank layer, and every other site unchanged.
+    :returns: ``"<layer>.rank_scale_sorted"``, ``"<layer>.relevance_sorted"`` and
+        ``"<layer>.effective_rank"`` per rank layer (the names of the same quantities in
+        :func:`~bayes_fusion.to_inference_data`'s posterior), and every other site unchanged.
     """
     chains, draws = next(iter(samples.values())).shape[:2]
     flat = {k: v.reshape((chains * draws,) + v.shape[2:]) for k, v in samples.items()}
@@ -47,9 +48,9 @@ def invariant_draws(model, samples: dict[str, Tensor]) -> dict[str, Tensor]:
     for layer in rank_layers(model).values():
         layer_sites.update(layer.site_names().values())
         scale = layer.site_name(layer.SCALE_SITE)
-        out[f"{scale} (sorted)"] = samples[scale].sort(dim=-1, descending=True).values
+        out[f"{scale}_sorted"] = samples[scale].sort(dim=-1, descending=True).values
         relevance = relevance_draws(layer, flat).sort(dim=-1, descending=True).values
-        out[f"{layer.site_name('relevance')} (sorted)"] = relevance.reshape(chains, draws, -1)
+        out[layer.site_name("relevance_sorted")] = relevance.reshape(chains, draws, -1)
         rank = effective_rank_draws(layer, flat)
         out[layer.site_name("effective_rank")] = rank.reshape(chains, draws).double()
     out.update({k: v for k, v in samples.items() if k not in layer_sites})

@@ -39,60 +39,15 @@ import operator
 import pyro
 import torch
 from pyro.infer import autoguide
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import biject_to, transform_to
-from torch.distributions.transforms import ComposeTransform
+from torch.distributions import transform_to
 
-__all__ = ["DirectELBO", "LogJoint"]
+from ..log_joint import LogJoint, support_bijection
+from ..seams import unpack_latent
+
+__all__ = ["DirectELBO"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-class LogJoint(Messenger):
-    """Run a model with given latent values and add up its log-density as it goes.
-
-    Every latent sample site takes its value from ``values`` (sites not in it are drawn as
-    usual, as under ``poutine.replay``); every sample site's ``log_prob`` is scaled and masked
-    exactly as :meth:`pyro.poutine.Trace.compute_log_prob` does and summed into :attr:`total`
-    (a scalar tensor). Subsample sites (``pyro.plate(..., subsample=...)``) carry no density.
-
-    :param values: site name -> constrained value.
-    """
-
-    def __init__(self, values: dict[str, Tensor]) -> None:
-        super().__init__()
-        self.values = values
-        self.total: Tensor | float = 0.0
-
-    def _process_message(self, msg) -> None:
-        if msg["type"] != "sample" or msg["is_observed"]:
-            return
-        value = self.values.get(msg["name"])
-        if value is not None:
-            msg["value"] = value
-            msg["done"] = True
-
-    def _postprocess_message(self, msg) -> None:
-        if msg["type"] != "sample" or site_is_subsample(msg):
-            return
-        log_p = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
-        log_p = pyro.distributions.util.scale_and_mask(log_p, msg["scale"], msg["mask"])
-        self.total = self.total + log_p.sum()
-
-
-def support_bijection(support):
-    """The bijection from unconstrained space onto ``support`` (``biject_to(support)``), or
-    ``None`` where that is the identity (nothing to apply). Shared by the fused ELBO here and
-    the generic NUTS potential (:mod:`bayes_fusion.infer.potential`).
-
-    :param support: a ``torch.distributions.constraints.Constraint``.
-    """
-    transform = biject_to(support)
-    if isinstance(transform, ComposeTransform) and not transform.parts:
-        return None
-    return transform
 
 
 def _leaf_of(getter, store_leaves: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
@@ -266,7 +221,7 @@ class DirectELBO:
         latent = posterior.rsample()
         log_q = posterior.log_prob(latent)
         values = {}
-        for site, unconstrained in self.guide._unpack_latent(latent):
+        for site, unconstrained in unpack_latent(self.guide, latent):
             transform = self._transforms[site["name"]]
             if transform is None:
                 values[site["name"]] = unconstrained

@@ -35,8 +35,8 @@ import torch
 from polyagamma import random_polyagamma
 from torch import Tensor
 
-from ..layers.base import RankLayer
-from ..models import Classifier
+from ...layers.base import RankLayer
+from ...models import Classifier
 from .output_marginal import LinearOutputs
 
 __all__ = ["COEF_SITE", "PolyaGammaPotential", "supports_polya_gamma"]

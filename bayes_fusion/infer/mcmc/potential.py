@@ -32,11 +32,18 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
+from ...layers.base import rank_layers
 from ..compiled import CompiledFunction
-from ..direct_elbo import LogJoint, support_bijection
-from ..guides import rank_layers
+from ..log_joint import LogJoint, support_bijection
 
-__all__ = ["ModelPotential", "contrast_basis", "scaled_sites"]
+__all__ = [
+    "FlatPotential",
+    "ModelPotential",
+    "Potential",
+    "contrast_basis",
+    "flatten_params",
+    "scaled_sites",
+]
 
 DECENTERED = "_decentered"
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -51,7 +58,162 @@ def scaled_sites(model) -> dict[str, tuple]:
     return out
 
 
-class ModelPotential:
+class Potential:
+    """The potential protocol every MCMC path samples: the negative log joint density of a
+    model in unconstrained coordinates, with the maps between those coordinates and the model's
+    site values. Subclasses implement :meth:`potential`, :meth:`to_unconstrained` and
+    :meth:`constrain`; :class:`FlatPotential` turns any of them into a function of one flat
+    vector, batched over leading chain dims (:meth:`FlatPotential.value_and_grad`), which is
+    what samplers see.
+
+    Optional, a conditionally conjugate (Gibbs) block: ``gibbs_init(params)`` sets its state at
+    a start point, ``gibbs_update(params) -> dict`` redraws it given the sampled coordinates
+    (the potential then changes) and returns its draws, name -> tensor.
+
+    :ivar init_values: a start point, site name -> constrained value.
+    :ivar centered: scale-site name -> ``(R,)`` per-component centring (see the module doc).
+    :ivar contrasts: sites sampled as class contrasts, name -> number of event dims.
+    :ivar evaluations: calls of :meth:`__call__` so far.
+    """
+
+    init_values: dict[str, Tensor]
+    centered: dict[str, Tensor]
+    contrasts: dict[str, int]
+    evaluations: int = 0
+
+    def potential(self, params: dict[str, Tensor]) -> Tensor:
+        """Potential energy at one point of the unconstrained coordinates (scalar)."""
+        raise NotImplementedError
+
+    def to_unconstrained(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Site values (one point) -> unconstrained coordinates."""
+        raise NotImplementedError
+
+    def constrain(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unconstrained coordinates (any leading draw dims) -> site values."""
+        raise NotImplementedError
+
+    def complete(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Add draws of the sites the potential integrates out to constrained draws (any
+        leading draw dims); the default integrates nothing out."""
+        return dict(values)
+
+    def __call__(self, params: dict[str, Tensor]) -> Tensor:
+        """:meth:`potential`, counted in :attr:`evaluations` (Pyro's ``potential_fn``)."""
+        self.evaluations += 1
+        return self.potential(params)
+
+    def report(self) -> dict:
+        """What the fit's ``info`` says of this potential's computation."""
+        return {"potential_evaluations": self.evaluations}
+
+
+def flatten_params(params: dict[str, Tensor]):
+    """``params`` as one vector in sorted-name order (the order of Pyro's dense mass matrix and
+    of :func:`laplace_inverse_mass_matrix`'s metric) and the function mapping such a vector
+    back to the dict."""
+    names = sorted(params)
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+
+    def unflatten(flat: Tensor) -> dict[str, Tensor]:
+        parts = torch.split(flat, sizes, dim=-1)
+        lead = flat.shape[:-1]
+        return {n: p.reshape(lead + sh) for n, p, sh in zip(names, parts, shapes, strict=True)}
+
+    return torch.cat([params[n].reshape(-1) for n in names]), unflatten
+
+
+class FlatPotential:
+    """``potential`` (a function of a dict of unconstrained sites) as a function of one flat
+    site, :attr:`SITE` ``(D,)``: the sites' entries concatenated in sorted-name order (the
+    order of :func:`flatten_params` and of :func:`laplace_inverse_mass_matrix`'s metric). A
+    Gibbs block of ``potential`` (``gibbs_init`` / ``gibbs_update``) gets the dict as well.
+    Picklable when the potential is.
+
+    :param potential: the potential, ``dict[str, Tensor] -> scalar tensor``.
+    :param like: a point of its sites (their names and shapes; also :attr:`start`).
+    """
+
+    #: the name Pyro's NUTS knows the flat site by
+    SITE = "z"
+
+    def __init__(self, potential, like: dict[str, Tensor]) -> None:
+        self.potential = potential
+        start, self._unflatten = flatten_params({k: v.detach() for k, v in like.items()})
+        #: ``like`` flattened ``(D,)``
+        self.start = start.clone()
+        self._names = tuple(sorted(like))
+        #: ``True`` while batched evaluation works; else why it failed (a string)
+        self.batched: bool | str = True
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """``(..., D)`` -> site -> ``(..., site shape)``."""
+        return self._unflatten(flat)
+
+    def metric(self, metric: dict | None) -> dict | None:
+        """A dense inverse mass matrix over every site (keyed by their sorted names, as from
+        :func:`laplace_inverse_mass_matrix`) rekeyed to the flat site; ``None`` stays."""
+        if metric is None:
+            return None
+        if set(metric) != {self._names}:
+            raise ValueError(
+                "initial_inverse_mass_matrix: expected one dense block over the sites "
+                f"{self._names}, got blocks {sorted(metric)}"
+            )
+        return {(self.SITE,): metric[self._names]}
+
+    @property
+    def dim(self) -> int:
+        """``D``, the number of unconstrained coordinates."""
+        return self.start.shape[-1]
+
+    @property
+    def evaluations(self) -> int:
+        """The wrapped potential's count of evaluations (0 if it keeps none)."""
+        return getattr(self.potential, "evaluations", 0)
+
+    def __call__(self, params: dict[str, Tensor]) -> Tensor:
+        """The potential at ``{SITE: z}``, ``z`` ``(D,)`` (scalar): Pyro's ``potential_fn``."""
+        return self.potential(self._unflatten(params[self.SITE]))
+
+    def value_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The potential and its gradient at ``z`` ``(..., D)``, every leading (chain) index
+        evaluated in one batched call (``torch.func.vmap``) where the potential allows, else
+        one after another (:attr:`batched` then says why not).
+
+        :returns: ``(value (...), gradient (..., D))``.
+        """
+        lead, flat = z.shape[:-1], z.reshape(-1, z.shape[-1])
+
+        density = getattr(self.potential, "potential", self.potential)  # uncompiled, uncounted
+
+        def one(point):
+            return density(self._unflatten(point))
+
+        grad_and_value = torch.func.grad_and_value(one)
+        with pyro.validation_enabled(False):  # argument checks read values: not batchable
+            if self.batched is True:
+                try:
+                    grad, value = torch.func.vmap(grad_and_value)(flat)
+                    return value.reshape(lead), grad.reshape(z.shape)
+                except Exception as exc:  # noqa: BLE001 - any vmap failure: loop instead
+                    self.batched = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            pairs = [grad_and_value(point) for point in flat]
+        grad = torch.stack([g for g, _ in pairs])
+        value = torch.stack([v for _, v in pairs])
+        return value.reshape(lead), grad.reshape(z.shape)
+
+    def gibbs_init(self, params: dict[str, Tensor]) -> None:
+        """The potential's ``gibbs_init`` at ``{SITE: z}``."""
+        self.potential.gibbs_init(self._unflatten(params[self.SITE]))
+
+    def gibbs_update(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The potential's ``gibbs_update`` at ``{SITE: z}``: its draws, name -> tensor."""
+        return self.potential.gibbs_update(self._unflatten(params[self.SITE]))
+
+
+class ModelPotential(Potential):
     """Potential energy (negative log joint in unconstrained coordinates, see the module doc)
     of ``model(*args)``. Picklable when the model is (parallel chains in worker processes).
 
@@ -239,8 +401,8 @@ def contrast_basis(classes: int, dtype=None, device=None) -> Tensor:
 def _class_sites(model) -> dict[str, int]:
     """Sites of a ``Classifier``'s rank layer whose first axis indexes the classes (number of
     event dims of each): softmax ignores shifts common to every class along that axis."""
-    from ..layers.base import RankLayer
-    from ..models import Classifier
+    from ...layers.base import RankLayer
+    from ...models import Classifier
 
     layer = getattr(model, "layer", None)
     if not isinstance(model, Classifier) or not isinstance(layer, RankLayer):

@@ -1,4 +1,5 @@
-"""Pyro's ClippedAdam as one fused update over all parameters.
+"""Pyro's ClippedAdam as one fused update over all parameters; its arithmetic is
+:func:`clipped_adam_update`, which the compiled steps share.
 
 :class:`pyro.optim.ClippedAdam` keeps one torch optimizer per parameter and steps them one by
 one: for a guide with 14 parameter tensors that is 14 Python-level optimizer steps, each a dozen
@@ -11,17 +12,60 @@ checkpoints are interchangeable with ``pyro.optim.ClippedAdam``'s.
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import torch
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor
 
-__all__ = ["FusedClippedAdam"]
+__all__ = ["FusedClippedAdam", "adam_step_size", "clipped_adam_update"]
 
 _DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "clip_norm": 10.0, "lrd": 1.0}
+
+
+def adam_step_size(lr, step, betas: tuple[float, float]):
+    """Adam's bias-corrected step size ``lr sqrt(1 - beta2^t) / (1 - beta1^t)`` at step ``t``
+    (1-based); numbers or tensors."""
+    beta1, beta2 = betas
+    return lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+
+
+def clipped_adam_update(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    step_sizes,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    clip_norm: float,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """One clipped Adam update of several tensors at once (multi-tensor ``_foreach`` kernels),
+    without side effects: the one update of the eager optimizer (:class:`FusedClippedAdam`)
+    and of the compiled steps (:mod:`bayes_fusion.infer.svi.fused`), the arithmetic of
+    :class:`pyro.optim.ClippedAdam` (gradients clamped element-wise to ``[-clip_norm,
+    clip_norm]``, no weight decay).
+
+    :param grads: gradients, one per parameter tensor.
+    :param exp_avgs: first moments, as ``grads``. :param exp_avg_sqs: second moments.
+    :param step_sizes: :func:`adam_step_size` per tensor (a list of numbers), or one scalar
+        tensor for all.
+    :returns: ``(deltas, exp_avgs, exp_avg_sqs)``: what to add to each parameter, and the new
+        moments.
+    """
+    beta1, beta2 = betas
+    grads = torch._foreach_clamp_max(torch._foreach_clamp_min(grads, -clip_norm), clip_norm)
+    exp_avgs = torch._foreach_add(torch._foreach_mul(exp_avgs, beta1), grads, alpha=1 - beta1)
+    exp_avg_sqs = torch._foreach_addcmul(
+        torch._foreach_mul(exp_avg_sqs, beta2), grads, grads, value=1 - beta2
+    )
+    denoms = torch._foreach_add(torch._foreach_sqrt(exp_avg_sqs), eps)
+    # (-step * m) / denom: the order of Pyro's ``addcdiv_``, so the numbers agree bit for bit
+    if isinstance(step_sizes, Tensor):
+        scaled = torch._foreach_mul(exp_avgs, -step_sizes)
+    else:
+        scaled = torch._foreach_mul(exp_avgs, [-size for size in step_sizes])
+    return torch._foreach_div(scaled, denoms), exp_avgs, exp_avg_sqs
 
 
 class _ParamState:
@@ -65,29 +109,24 @@ class FusedClippedAdam(PyroOptim):
         params = [p for p in params if p.grad is not None]
         if not params:
             return
-        lrd, clip, eps = self.args["lrd"], self.args["clip_norm"], self.args["eps"]
-        beta1, beta2 = self.args["betas"]
         states = [self._state_of(p) for p in params]
-        grads = [p.grad for p in params]
-        torch._foreach_clamp_min_(grads, -clip)
-        torch._foreach_clamp_max_(grads, clip)
-        exp_avgs = [s.exp_avg for s in states]
-        exp_avg_sqs = [s.exp_avg_sq for s in states]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denoms, eps)
-        steps = []
         for s in states:
-            s.lr *= lrd
+            s.lr *= self.args["lrd"]
             s.step += 1
-            correction1 = 1 - beta1**s.step
-            correction2 = 1 - beta2**s.step
-            steps.append(-s.lr * math.sqrt(correction2) / correction1)
+        step_sizes = [adam_step_size(s.lr, s.step, self.args["betas"]) for s in states]
+        deltas, exp_avgs, exp_avg_sqs = clipped_adam_update(
+            [p.grad for p in params],
+            [s.exp_avg for s in states],
+            [s.exp_avg_sq for s in states],
+            step_sizes,
+            betas=self.args["betas"],
+            eps=self.args["eps"],
+            clip_norm=self.args["clip_norm"],
+        )
+        for s, m, v in zip(states, exp_avgs, exp_avg_sqs, strict=True):
+            s.exp_avg, s.exp_avg_sq = m, v
         with torch.no_grad():
-            torch._foreach_addcdiv_(params, exp_avgs, denoms, steps)
+            torch._foreach_add_(params, deltas)
 
     def _state_of(self, p: Tensor) -> _ParamState:
         state = self._states.get(p)

@@ -1,0 +1,151 @@
+"""Every use of a private attribute of Pyro or torch in the package, in one place.
+
+Each seam is a function or class here, named for what it does, with a test
+(``tests/test_seams.py``) that fails loudly when the library underneath moves it. Where a public
+API serves, the package uses that instead; what is left has none:
+
+* Pyro's NUTS kernel keeps its adaptation, iteration counter, cached potential energy and
+  divergences in private attributes (``_adapter``, ``_initial_params``, ``_t``,
+  ``_warmup_steps``, ``_fetch_from_cache``, ``_kinetic_energy``, ``_mean_accept_prob``,
+  ``_divergences``): :func:`nuts_kernel_class` builds the one NUTS subclass that starts warm-up
+  from a given metric, runs a Gibbs block after every step and records the per-draw statistics
+  ArviZ reads (energy, step size, acceptance, leapfrog steps, log density, divergences).
+* ``AutoContinuous._unpack_latent`` splits a joint draw of the packed latent vector into sites
+  (:func:`unpack_latent`).
+* Dynamo keeps its compiled graphs, and counts recompilations, per code object; a fresh code
+  object per compiled function keeps one fit's graphs from using up another's recompile
+  budget (:func:`private_code`).
+* A chain's worker process must import this very package even when it is not installed (a
+  source checkout): :func:`worker_environment` puts its root on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+
+import torch
+from pyro.infer import NUTS
+from pyro.ops.integrator import potential_grad
+
+__all__ = [
+    "SAMPLE_STATS",
+    "nuts_kernel_class",
+    "private_code",
+    "unpack_latent",
+    "worker_environment",
+]
+
+#: the per-draw NUTS statistics :func:`nuts_kernel_class` records (ArviZ's ``sample_stats``
+#: names)
+SAMPLE_STATS = ("diverging", "energy", "step_size", "n_steps", "lp", "acceptance_rate")
+
+
+def nuts_kernel_class(metric: dict | None = None, gibbs: bool = False) -> type:
+    """A subclass of Pyro's ``NUTS`` whose warm-up starts from ``metric`` (``None``: Pyro's
+    identity), that runs the Gibbs block of its ``potential_fn`` after every NUTS step when
+    ``gibbs`` (``gibbs_init`` / ``gibbs_update``: the potential changes with the block's state,
+    so the cached energy is dropped after each update), and that records per-draw statistics.
+
+    The kernel's extra methods: ``draw_stats()`` -- stat name (:data:`SAMPLE_STATS`) -> list of
+    one float per draw after warm-up; ``block_draws()`` -- the Gibbs block's draws after warm-up,
+    name -> ``(S, ...)`` (``{}`` without a block); ``in_warmup()``; ``divergences()`` -- the
+    indices of divergent transitions after warm-up.
+
+    :param metric: Pyro's ``{tuple of site names: inverse mass matrix}``.
+    :param gibbs: run the potential's Gibbs block.
+    """
+
+    class _Kernel(NUTS):
+        def setup(self, warmup_steps, *args, **kwargs):
+            self._block = []
+            self._stats = {name: [] for name in SAMPLE_STATS}
+            self._first_kinetic = None
+            if gibbs:
+                self.potential_fn.gibbs_init(self.initial_params)
+            super().setup(warmup_steps, *args, **kwargs)
+
+        def _initialize_adapter(self):
+            super()._initialize_adapter()
+            if metric is None:
+                return
+            adapter = self._adapter.mass_matrix_adapter
+            if set(adapter.inverse_mass_matrix) == set(metric):
+                adapter.inverse_mass_matrix = {k: v.clone() for k, v in metric.items()}
+                if self._adapter.adapt_step_size:
+                    self._adapter.reset_step_size_adaptation(self._initial_params)
+
+        def _kinetic_energy(self, r_unscaled):
+            energy = super()._kinetic_energy(r_unscaled)
+            if self._first_kinetic is None:  # the trajectory's start: the draw's momentum
+                self._first_kinetic = float(energy)
+            return energy
+
+        def in_warmup(self) -> bool:
+            return self._t < self._warmup_steps
+
+        def divergences(self) -> list[int]:
+            return [int(i) for i in self._divergences]
+
+        def sample(self, params):
+            warm = self.in_warmup()
+            z_start, start_energy, _ = self._fetch_from_cache()
+            if z_start is None:  # after a Gibbs update: evaluate the start as NUTS would
+                grads, start_energy = potential_grad(self.potential_fn, params)
+                self._cache(params, start_energy, grads)
+            mean_before, step_size = self._mean_accept_prob, self.step_size
+            evaluations = getattr(self.potential_fn, "evaluations", 0)
+            self._first_kinetic = None
+            z = super().sample(params)
+            if not warm:
+                n = self._t - self._warmup_steps  # draws so far (the running mean's count)
+                stats = self._stats
+                stats["acceptance_rate"].append(self._mean_accept_prob * n - mean_before * (n - 1))
+                stats["step_size"].append(float(step_size))
+                diverged = bool(self._divergences) and self._divergences[-1] == n - 1
+                stats["diverging"].append(float(diverged))
+                after = getattr(self.potential_fn, "evaluations", 0)
+                stats["n_steps"].append(float(after - evaluations))
+                potential = self._fetch_from_cache()[1]
+                stats["lp"].append(-float(potential) if potential is not None else float("nan"))
+                stats["energy"].append(float(start_energy) + self._first_kinetic)
+            if gibbs:
+                draw = self.potential_fn.gibbs_update(z)
+                self.clear_cache()
+                if not warm:
+                    self._block.append(draw)
+            return z
+
+        def draw_stats(self) -> dict[str, list[float]]:
+            return {k: list(v) for k, v in self._stats.items()}
+
+        def block_draws(self) -> dict[str, torch.Tensor]:
+            if not self._block:
+                return {}
+            return {k: torch.stack([d[k] for d in self._block]) for k in self._block[0]}
+
+    return _Kernel
+
+
+def unpack_latent(guide, latent: torch.Tensor):
+    """``guide._unpack_latent(latent)``: ``(site, unconstrained value)`` pairs of an
+    ``AutoContinuous`` guide's packed latent draw."""
+    return guide._unpack_latent(latent)
+
+
+def private_code(function: types.FunctionType, name: str) -> types.FunctionType:
+    """``function`` with a code object of its own named ``name`` (same globals and closure):
+    dynamo keeps compiled graphs, and its recompile limit, per code object."""
+    code = function.__code__.replace(co_name=name)
+    return types.FunctionType(
+        code, function.__globals__, closure=function.__closure__, name=function.__name__
+    )
+
+
+def worker_environment(threads: int) -> dict[str, str]:
+    """The environment of a chain's worker process: ``threads`` OpenMP threads, and this
+    package's root first on ``PYTHONPATH`` (a source checkout that is not installed)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
