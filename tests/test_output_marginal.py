@@ -1,6 +1,7 @@
-"""The Gaussian regression's potential with the output sites integrated out, float64 against a dense reconstruction: the marginal likelihood from the full covariance, the output
-sites' conditional from the Gaussian formula (NUTS through it on a known answer:
-tests/test_generic_nuts.py, the XOX regression)."""
+"""The Gaussian regression's potential with the output sites integrated out, float64 against a
+dense reconstruction: the marginal likelihood from the full covariance, the output sites'
+conditional from the Gaussian formula (NUTS through it on a known answer:
+tests/test_generic_nuts.py, the XOX regression; tests/test_marginal.py, the CP regression)."""
 
 import pytest
 import torch
