@@ -49,14 +49,24 @@ def problem(task: str, seed: int):
         data = make_cp_classification(SIZES, 2, rank=RANK, num_data=500, seed=seed)
         train, test = data.split(300)
         truth = data.truth["probs"][300:, 1:]
-        return (lambda: bf.Classifier(bf.CPFusion(SIZES, 2, max_rank=MAX_RANK)), train, test,
-                truth, lambda samples: samples[..., 1:])  # fmt: skip
+        return (
+            lambda: bf.Classifier(bf.CPFusion(SIZES, 2, max_rank=MAX_RANK)),
+            train,
+            test,
+            truth,
+            lambda samples: samples[..., 1:],
+        )
     data = make_cp_regression(SIZES, OUT, rank=RANK, num_data=500, noise=0.1, seed=seed)
     train, test = data.split(300)
     factors = [data.truth[f"factor_{m}"] for m in range(len(SIZES))]
     truth = cp_fusion(test.inputs, factors, data.truth["out_factor"])
-    return (lambda: bf.Regressor(bf.CPFusion(SIZES, OUT, max_rank=MAX_RANK)), train, test,
-            truth, lambda samples: samples)  # fmt: skip
+    return (
+        lambda: bf.Regressor(bf.CPFusion(SIZES, OUT, max_rank=MAX_RANK)),
+        train,
+        test,
+        truth,
+        lambda samples: samples,
+    )
 
 
 def replication(seed: int, guides, quick: bool, task: str = "regression") -> list[dict]:
@@ -75,14 +85,19 @@ def replication(seed: int, guides, quick: bool, task: str = "regression") -> lis
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # short quick runs warn
-            result = bf.fit(model, train.inputs, train.y, guide=guide, progress=False, seed=seed,
-                            **options)  # fmt: skip
+            result = bf.fit(
+                model, train.inputs, train.y, guide=guide, progress=False, seed=seed, **options
+            )
         seconds = time.perf_counter() - start
         draws = None if result.is_mcmc else 1000  # MCMC: every draw
         pred = result.predict(test.inputs, num_samples=draws, return_samples=True, seed=seed)
         row = {"seed": seed, "guide": guide, "seconds": seconds}
-        row.update({f"coverage_{level}": coverage(pick(pred["mean_samples"]), truth, level)
-                    for level in LEVELS})  # fmt: skip
+        row.update(
+            {
+                f"coverage_{level}": coverage(pick(pred["mean_samples"]), truth, level)
+                for level in LEVELS
+            }
+        )
         rows.append(row)
         print(f"[calibration] {task} seed {seed} {guide}: {row}", flush=True)
     return rows
@@ -112,9 +127,15 @@ def markdown(summary: list[dict], meta: dict, task: str = "regression") -> str:
     lines = scored_section.table_head(
         title,
         meta,
-        ["guide", "replications", "50% interval coverage (min-max)",
-         "90% interval coverage (min-max)", "fit (s)", "90% within 85-95%"],
-    )  # fmt: skip
+        [
+            "guide",
+            "replications",
+            "50% interval coverage (min-max)",
+            "90% interval coverage (min-max)",
+            "fit (s)",
+            "90% within 85-95%",
+        ],
+    )
     for s in summary:
         cells = [
             f"{s[f'coverage_{lv}']:.3f} ({s[f'range_{lv}'][0]:.3f}-{s[f'range_{lv}'][1]:.3f})"
@@ -136,8 +157,9 @@ def main(argv=None):
     args = scored_section.parse_args(__doc__, argv, "one replication, short runs", options)
     replications = args.replications or (1 if args.quick else 4)
     start = time.perf_counter()
-    rows = [r for seed in range(replications)
-            for r in replication(seed, GUIDES, args.quick, args.task)]  # fmt: skip
+    rows = [
+        r for seed in range(replications) for r in replication(seed, GUIDES, args.quick, args.task)
+    ]
     summary = summarize(rows)
     payload = {"rows": rows, "summary": summary, "task": args.task}
     name = "calibration" if args.task == "regression" else f"calibration_{args.task}"

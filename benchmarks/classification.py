@@ -123,8 +123,11 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     conf, hit = probs.max(1), probs.argmax(1) == labels
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    gaps = [abs(conf[which == b].mean() - hit[which == b].mean()) * (which == b).mean()
-            for b in range(bins) if (which == b).any()]  # fmt: skip
+    gaps = [
+        abs(conf[which == b].mean() - hit[which == b].mean()) * (which == b).mean()
+        for b in range(bins)
+        if (which == b).any()
+    ]
     return float(sum(gaps))
 
 
@@ -211,9 +214,18 @@ def markdown(rows, verdicts, meta) -> str:
     lines = scored_section.table_head(
         "Classification (held-out accuracy and log-loss)",
         meta,
-        ["data", "method", "accuracy", "log-loss", "ECE", "90% interval coverage", "fit (s)",
-         "params", "test rows"],
-    )  # fmt: skip
+        [
+            "data",
+            "method",
+            "accuracy",
+            "log-loss",
+            "ECE",
+            "90% interval coverage",
+            "fit (s)",
+            "params",
+            "test rows",
+        ],
+    )
     for r in rows:
         cover = r.get("interval_coverage")
         cover = "-" if cover is None else f"{cover:.3f}"
@@ -222,8 +234,12 @@ def markdown(rows, verdicts, meta) -> str:
             f"{r['ece']:.4f} | {cover} | {r['fit_seconds']:.1f} | {r['params']} | "
             f"{r['test_rows']} |"
         )
-    lines += ["", "CP fusion vs concatenated logistic regression (targets: accuracy gap >= -0.5 "
-              "points, log-loss gap <= 0, fit < 60 s):", ""]  # fmt: skip
+    lines += [
+        "",
+        "CP fusion vs concatenated logistic regression (targets: accuracy gap >= -0.5 "
+        "points, log-loss gap <= 0, fit < 60 s):",
+        "",
+    ]
     for data, v in verdicts.items():
         lines.append(
             f"- {data}: accuracy {v['accuracy_gap_points']:+.2f} points, log-loss "

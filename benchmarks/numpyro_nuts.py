@@ -33,8 +33,9 @@ from pathlib import Path
 MISSING = 3
 
 
-def run_twin(inputs, y, held_out=None, *, max_rank: int, draws: int, likelihood="normal",
-             dense=False) -> dict | None:  # fmt: skip
+def run_twin(
+    inputs, y, held_out=None, *, max_rank: int, draws: int, likelihood="normal", dense=False
+) -> dict | None:
     """Run this script on torch data in a fresh process (JAX's device count is set before it
     starts): ``inputs`` / ``held_out`` M tensors ``(N, d_m)``, ``y`` targets ``(N, P)`` or labels
     ``(N,)``. Returns its JSON record, ``None`` when numpyro is not installed.
@@ -49,8 +50,18 @@ def run_twin(inputs, y, held_out=None, *, max_rank: int, draws: int, likelihood=
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data.npz"
         np.savez(path, y=target, **arrays)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--data", str(path), "--max-rank",
-               str(max_rank), "--draws", str(draws), "--likelihood", likelihood]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--data",
+            str(path),
+            "--max-rank",
+            str(max_rank),
+            "--draws",
+            str(draws),
+            "--likelihood",
+            likelihood,
+        ]
         proc = subprocess.run(cmd + (["--dense"] if dense else []), capture_output=True, text=True)
     if proc.returncode == MISSING:
         return None
@@ -150,8 +161,9 @@ def main(argv=None) -> None:
         zs = [samples[f"z_{m}"] for m in range(modalities)]
         one = jax.vmap(mean, in_axes=(None, 0, 0, 0, 0, 0 if classify else None))
         one = jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0 if classify else None))
-        pred = one(held_out, samples["lam"], zs, samples["z_out"], samples["bias"],
-                   samples.get("main"))  # fmt: skip
+        pred = one(
+            held_out, samples["lam"], zs, samples["z_out"], samples["bias"], samples.get("main")
+        )
         return jax.nn.softmax(pred, axis=-1) if classify else pred
 
     kernel = NUTS(model, dense_mass=args.dense)

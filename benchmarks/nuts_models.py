@@ -106,8 +106,17 @@ def run_case(name: str, factory, args, held_out, draws: int, **options) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # diagnostics are reported below
-        res = bf.fit(model, *args, guide="nuts", num_samples=draws, warmup_steps=draws,
-                     num_chains=2, progress=False, seed=0, **options)  # fmt: skip
+        res = bf.fit(
+            model,
+            *args,
+            guide="nuts",
+            num_samples=draws,
+            warmup_steps=draws,
+            num_chains=2,
+            progress=False,
+            seed=0,
+            **options,
+        )
         seconds = time.perf_counter() - start
         diag = res.diagnostics(held_out)
     scale = next(k for k in diag["r_hat"] if k.endswith("rank_scale_sorted"))
@@ -138,21 +147,38 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = scored_section.table_head(
         "NUTS on every model (generic path), 2 chains",
         meta,
-        ["model", "integrated out", "warm-up + draws", "wall (s)", "steps / iteration",
-         "divergences", "r-hat / ESS sorted lambda", "r-hat / ESS sorted relevance",
-         "r-hat / ESS held-out predictive mean", "targets met", "NumPyro twin", "vs NumPyro"],
-    )  # fmt: skip
+        [
+            "model",
+            "integrated out",
+            "warm-up + draws",
+            "wall (s)",
+            "steps / iteration",
+            "divergences",
+            "r-hat / ESS sorted lambda",
+            "r-hat / ESS sorted relevance",
+            "r-hat / ESS held-out predictive mean",
+            "targets met",
+            "NumPyro twin",
+            "vs NumPyro",
+        ],
+    )
     for r in rows:
-        met = (r["divergences"] == 0 and max(r["r_hat_lambda"], r["r_hat_pred"]) <= 1.01
-               and min(r["ess_lambda"], r["ess_pred"]) >= 400 and r["seconds"] < 180)  # fmt: skip
+        met = (
+            r["divergences"] == 0
+            and max(r["r_hat_lambda"], r["r_hat_pred"]) <= 1.01
+            and min(r["ess_lambda"], r["ess_pred"]) >= 400
+            and r["seconds"] < 180
+        )
         twin, versus = "-", "-"
         steps = "/".join(f"{v:.0f}" for v in r.get("steps_per_iteration") or []) or "-"
         if r.get("numpyro"):
             n = r["numpyro"]
-            twin = (f"{n['seconds']:.0f} s, {n['steps_per_draw']:.0f} steps / draw, "
-                    f"{n['divergences']} div., lambda "
-                    f"{n['max_rhat_sorted_lambda']:.3f} / {n['min_ess_sorted_lambda']:.0f}, pred. "
-                    f"{n['max_rhat_pred']:.3f} / {n['min_ess_pred']:.0f}")  # fmt: skip
+            twin = (
+                f"{n['seconds']:.0f} s, {n['steps_per_draw']:.0f} steps / draw, "
+                f"{n['divergences']} div., lambda "
+                f"{n['max_rhat_sorted_lambda']:.3f} / {n['min_ess_sorted_lambda']:.0f}, pred. "
+                f"{n['max_rhat_pred']:.3f} / {n['min_ess_pred']:.0f}"
+            )
             versus = f"{r['vs_numpyro']:.3g}x"
         lines.append(
             f"| {r['model']} | {', '.join(r['marginalized']) or '-'} | "
@@ -192,13 +218,19 @@ def main(argv=None):
             continue
         row = run_case(name, factory, train_args, held_out, draws, **quick)
         if name in NUMPYRO_TWINS and not args.no_numpyro:
-            twin = numpyro_nuts.run_twin(*train_args, held_out, max_rank=MAX_RANK, draws=draws,
-                                         likelihood=NUMPYRO_TWINS[name])  # fmt: skip
+            twin = numpyro_nuts.run_twin(
+                *train_args,
+                held_out,
+                max_rank=MAX_RANK,
+                draws=draws,
+                likelihood=NUMPYRO_TWINS[name],
+            )
             print(f"[nuts_models] NumPyro twin: {twin or 'skipped (no numpyro)'}", flush=True)
             if twin is not None:
                 ours = ess_per_second(row["ess_lambda"], row["ess_pred"], row["seconds"])
-                theirs = ess_per_second(twin["min_ess_sorted_lambda"], twin["min_ess_pred"],
-                                        twin["seconds"])  # fmt: skip
+                theirs = ess_per_second(
+                    twin["min_ess_sorted_lambda"], twin["min_ess_pred"], twin["seconds"]
+                )
                 row["numpyro"] = twin
                 row["vs_numpyro"] = ours / max(theirs, 1e-12)
         rows.append(row)

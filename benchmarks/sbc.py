@@ -101,8 +101,12 @@ def fit_draws(guide: str, sim: dict, seed: int, quick: bool) -> tuple[dict, dict
     model = make_model()
     if guide == "nuts":
         n = 40 if quick else NUTS_DRAWS
-        options = {"num_samples": n, "warmup_steps": n, "num_chains": 2,
-                   "max_tree_depth": NUTS_DEPTH}  # fmt: skip
+        options = {
+            "num_samples": n,
+            "warmup_steps": n,
+            "num_chains": 2,
+            "max_tree_depth": NUTS_DEPTH,
+        }
         if quick:
             options["init_steps"] = 200
     else:
@@ -110,8 +114,9 @@ def fit_draws(guide: str, sim: dict, seed: int, quick: bool) -> tuple[dict, dict
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # diagnostics are recorded instead
-        result = bf.fit(model, sim["train"], sim["y"], guide=guide, progress=False, seed=seed,
-                        **options)  # fmt: skip
+        result = bf.fit(
+            model, sim["train"], sim["y"], guide=guide, progress=False, seed=seed, **options
+        )
     info = {"seconds": time.perf_counter() - start}
     if result.is_mcmc:
         chains = result.mcmc_samples[sim["scale_site"]]
@@ -212,10 +217,19 @@ def markdown(summary: list[dict], meta: dict) -> str:
     lines = scored_section.table_head(
         f"Simulation-based calibration (ranks of the truth among {DRAWS} posterior draws)",
         meta,
-        ["guide", "quantity", "replications", "ranks", "chi-square p (10 bins)",
-         "outer 10% of ranks (nominal 0.10)", "histogram (10 bins)", "fit (s)",
-         "divergences", "replications with r-hat <= 1.01"],
-    )  # fmt: skip
+        [
+            "guide",
+            "quantity",
+            "replications",
+            "ranks",
+            "chi-square p (10 bins)",
+            "outer 10% of ranks (nominal 0.10)",
+            "histogram (10 bins)",
+            "fit (s)",
+            "divergences",
+            "replications with r-hat <= 1.01",
+        ],
+    )
     for s in summary:
         lines.append(
             f"| {s['guide']} | {QUANTITIES[s['quantity']]} | {s['replications']} | "

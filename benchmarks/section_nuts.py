@@ -55,8 +55,9 @@ def nuts(ctx: Context):
     cases = [("collapsed (default): out factor + bias integrated out", {})]
     if not quick:
         # the generic path is far slower per effective sample: a shorter run suffices
-        cases.append(("generic path (marginalize=False), 150 draws",
-                      dict(marginalize=False, draws=150)))  # fmt: skip
+        cases.append(
+            ("generic path (marginalize=False), 150 draws", dict(marginalize=False, draws=150))
+        )
     results = {}
     for name, kw in cases:
         kw = dict(kw)
@@ -101,5 +102,6 @@ def nuts(ctx: Context):
             f"[{g}] {name}: {seconds:.1f} s, ESS {ess:.0f}, {ess / seconds:.2f} ESS/s", flush=True
         )
     if device.type == "cpu":
-        _numpyro_nuts_rows(rep, g, data, draws, results["collapsed (default): out factor + bias "
-                           "integrated out"])  # fmt: skip
+        _numpyro_nuts_rows(
+            rep, g, data, draws, results["collapsed (default): out factor + bias integrated out"]
+        )

@@ -69,9 +69,14 @@ def _fused_step_time(device, data, guide, threads, steps=(600, 2400)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             res = bf.fit(
-                model, *data, guide=guide, num_steps=n, jit="fused", num_threads=threads,
+                model,
+                *data,
+                guide=guide,
+                num_steps=n,
+                jit="fused",
+                num_threads=threads,
                 progress=False,
-            )  # fmt: skip
+            )
         if "fused_steps" not in res.info:
             raise RuntimeError("fit(jit='fused') ran step by step")
         compile_s = res.info["compile_seconds"] if compile_s is None else compile_s

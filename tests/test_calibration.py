@@ -21,8 +21,9 @@ def _coverage(draws, truth, level):
 def test_nuts_predictive_mean_intervals_cover_the_truth():
     data = make_cp_regression((3, 4), 2, rank=1, num_data=350, noise=0.2, seed=3)
     train, test = data.split(200)
-    truth = cp_fusion(test.inputs, [data.truth["factor_0"], data.truth["factor_1"]],
-                      data.truth["out_factor"])  # fmt: skip
+    truth = cp_fusion(
+        test.inputs, [data.truth["factor_0"], data.truth["factor_1"]], data.truth["out_factor"]
+    )
     res = bf.fit(
         bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3)),
         train.inputs,

@@ -27,14 +27,14 @@ def test_r_hat_and_ess_of_constant_and_stuck_quantities():
 def test_invariant_draws_do_not_see_a_relabelling():
     model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3))
     torch.manual_seed(0)
-    draws = {name: torch.randn(2, 10, *shape) for name, shape in
-             model.layer.site_shapes().items()}  # fmt: skip
+    draws = {name: torch.randn(2, 10, *shape) for name, shape in model.layer.site_shapes().items()}
     samples = {f"layer.{k}": v for k, v in draws.items()}
     samples["layer.rank_scale"] = samples["layer.rank_scale"].abs()
     samples["noise"] = torch.rand(2, 10, 2)
     perm = torch.tensor([2, 0, 1])
-    relabelled = {k: v[..., perm] if k != "noise" and k != "layer.bias" else v
-                  for k, v in samples.items()}  # fmt: skip
+    relabelled = {
+        k: v[..., perm] if k != "noise" and k != "layer.bias" else v for k, v in samples.items()
+    }
     relabelled["layer.factor_0"] = -relabelled["layer.factor_0"]  # a sign flip in a pair
     relabelled["layer.out_factor"] = -relabelled["layer.out_factor"]
     a, b = invariant_draws(model, samples), invariant_draws(model, relabelled)
@@ -85,8 +85,13 @@ def test_collapsed_chains_start_apart_and_are_diagnosed_on_held_out_predictions(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # short chains
         diag = res.diagnostics(test.inputs)
-    for key in ("layer.rank_scale_sorted", "layer.relevance_sorted",
-                "layer.effective_rank", "noise", "predictive_mean"):  # fmt: skip
+    for key in (
+        "layer.rank_scale_sorted",
+        "layer.relevance_sorted",
+        "layer.effective_rank",
+        "noise",
+        "predictive_mean",
+    ):
         assert key in diag["r_hat"] and key in diag["ess"], key
     assert not any(k.startswith("layer.factor") for k in diag["r_hat"])
     assert diag["r_hat"]["predictive_mean"] < 1.2

@@ -67,9 +67,15 @@ def test_fused_steps_need_options_that_let_the_loop_run_on():
     model = bf.Regressor(bf.CPFusion((3, 4), 1, max_rank=3)).double()
     with pytest.warns(RuntimeWarning, match="jit='fused' runs step by step: callback"):
         res = bf.fit(
-            model, xs, y, guide="map", num_steps=5, jit="fused", progress=False,
+            model,
+            xs,
+            y,
+            guide="map",
+            num_steps=5,
+            jit="fused",
+            progress=False,
             callback=lambda step, loss: False,
-        )  # fmt: skip
+        )
     assert "fused_steps" not in res.info and len(res.losses) == 5
     with pytest.raises(ValueError, match="jit: expected None, True, False or 'fused', got 'x'"):
         _fit("map", "x")

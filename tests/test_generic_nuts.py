@@ -34,8 +34,7 @@ class PoissonFusion(pyro.nn.PyroModule):
 
 
 def _nuts(model, *args, **options):
-    kw = dict(guide="nuts", num_samples=100, warmup_steps=100, progress=False, seed=0,
-              jit=False)  # fmt: skip
+    kw = dict(guide="nuts", num_samples=100, warmup_steps=100, progress=False, seed=0, jit=False)
     kw.update(options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # short chains may warn
@@ -46,8 +45,14 @@ def _nuts(model, *args, **options):
 def test_xox_regression_finds_the_true_number_of_genes():
     data = make_xox_regression(6, 3, genes=1, num_data=120, noise=0.1, seed=0)
     train, test = data.split(100)
-    res = _nuts(bf.Regressor(bf.XOXLinear(6, 3, genes=3)), train.inputs, train.y, num_chains=1,
-                jit=True, max_tree_depth=6)  # fmt: skip
+    res = _nuts(
+        bf.Regressor(bf.XOXLinear(6, 3, genes=3)),
+        train.inputs,
+        train.y,
+        num_chains=1,
+        jit=True,
+        max_tree_depth=6,
+    )
     assert res.info["full_mass"] is True
     # a Gaussian regression: x_out and the bias integrated out, drawn from their conditional
     assert res.info["marginalized"] == ["layer.bias", "layer.x_out"]
@@ -65,8 +70,16 @@ def test_user_model_with_its_own_likelihood_runs_parallel_chains():
     data = make_cp_regression((3, 2), 1, rank=1, num_data=80, noise=0.01, seed=0)
     counts = torch.poisson((0.7 * data.y[:, 0]).exp(), generator=torch.Generator().manual_seed(0))
     model = PoissonFusion(bf.CPFusion((3, 2), 1, max_rank=2))
-    res = _nuts(model, data.inputs, counts, num_samples=60, warmup_steps=60, num_chains=2,
-                init_steps=300, max_tree_depth=6)  # fmt: skip
+    res = _nuts(
+        model,
+        data.inputs,
+        counts,
+        num_samples=60,
+        warmup_steps=60,
+        num_chains=2,
+        init_steps=300,
+        max_tree_depth=6,
+    )
     assert res.info["class_contrasts"] == []
     assert res.info["parallel"] is ((os.cpu_count() or 1) >= 2)
     lam = res.posterior_samples(group_by_chain=True)["layer.rank_scale"]
@@ -124,8 +137,16 @@ def test_compiled_potential_matches_the_eager_one(classes):
 
 def test_nuts_reports_the_compiled_potential():
     data = make_xox_regression(4, 2, genes=1, num_data=40, noise=0.1, seed=0)
-    res = _nuts(bf.Regressor(bf.XOXLinear(4, 2, genes=2)), data.inputs, data.y, num_samples=20,
-                warmup_steps=20, num_chains=1, jit=True, init_steps=100)  # fmt: skip
+    res = _nuts(
+        bf.Regressor(bf.XOXLinear(4, 2, genes=2)),
+        data.inputs,
+        data.y,
+        num_samples=20,
+        warmup_steps=20,
+        num_chains=1,
+        jit=True,
+        init_steps=100,
+    )
     assert res.info["compiled_potential"] is True and res.info["compile_seconds"] > 0
     with pytest.raises(ValueError, match="jit_compile: expected one of"):
         _nuts(bf.Regressor(bf.XOXLinear(4, 2, genes=2)), data.inputs, data.y, jit="yes")

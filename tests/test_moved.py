@@ -29,9 +29,10 @@ def test_old_attribute_and_from_imports_resolve():
     assert DirectELBO is new
     vars(bf).pop("optim", None)  # an earlier import of the old path set the attribute
     with pytest.warns(DeprecationWarning, match="bayes_fusion.infer.svi.optim"):
-        assert bf.optim.FusedClippedAdam is importlib.import_module(
-            "bayes_fusion.infer.svi.optim"
-        ).FusedClippedAdam
+        assert (
+            bf.optim.FusedClippedAdam
+            is importlib.import_module("bayes_fusion.infer.svi.optim").FusedClippedAdam
+        )
 
 
 def test_public_alias_imports_without_a_warning():

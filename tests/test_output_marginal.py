@@ -29,8 +29,9 @@ def _point(model, seed=0):
     """A random point of every site (float64) and targets."""
     torch.manual_seed(seed)
     layer = model.layer.double()
-    values = {k: v.double() + 0.3 * torch.randn_like(v.double())
-              for k, v in layer.init_values().items()}  # fmt: skip
+    values = {
+        k: v.double() + 0.3 * torch.randn_like(v.double()) for k, v in layer.init_values().items()
+    }
     values[layer.site_name(layer.SCALE_SITE)] = torch.rand(layer.rank, dtype=torch.float64) + 0.2
     values["noise"] = torch.rand(layer.out_features, dtype=torch.float64) + 0.3
     return values
@@ -81,8 +82,10 @@ def test_potential_is_the_dense_marginal(kind):
         for o in range(layer.out_features)
     )
     # the other sites' prior: the layer's whole prior less the output sites' (at zero)
-    zeros = {layer.site_name(s): torch.zeros(layer.site_shapes()[s], dtype=torch.float64)
-             for s in layer.output_sites()}  # fmt: skip
+    zeros = {
+        layer.site_name(s): torch.zeros(layer.site_shapes()[s], dtype=torch.float64)
+        for s in layer.output_sites()
+    }
     rows = layer.out_features
     out_prior = rows * torch.distributions.Normal(0, std).log_prob(torch.zeros_like(std)).sum()
     log_prior = layer.log_prior({**values, **zeros}) - out_prior
@@ -152,12 +155,30 @@ def test_nonlinear_layers_keep_their_output_sites():
     assert supports_output_marginal(model, (x, y))
     with pytest.raises(NonConjugateError, match="not linear in its output sites"):
         OutputMarginal(model, (x, y))
-    res = bf.fit(model, x, y, guide="nuts", num_samples=3, warmup_steps=3, init_steps=20,
-                 progress=False, chain_method="sequential")  # fmt: skip
+    res = bf.fit(
+        model,
+        x,
+        y,
+        guide="nuts",
+        num_samples=3,
+        warmup_steps=3,
+        init_steps=20,
+        progress=False,
+        chain_method="sequential",
+    )
     assert res.info["marginalized"] == []
     with pytest.raises(NonConjugateError):
-        bf.fit(model, x, y, guide="nuts", num_samples=3, warmup_steps=3, init_steps=20,
-               progress=False, marginalize=True)  # fmt: skip
+        bf.fit(
+            model,
+            x,
+            y,
+            guide="nuts",
+            num_samples=3,
+            warmup_steps=3,
+            init_steps=20,
+            progress=False,
+            marginalize=True,
+        )
     assert not supports_output_marginal(bf.Classifier(bf.XOXLinear(4, 2, genes=2)), (x, y))
     assert not supports_output_marginal(bf.Regressor(bf.XOXLinear(4, 2, genes=2), 40), (x, y))
 

@@ -28,8 +28,9 @@ def _problem(seed=0, main_effects=True, xox=False):
         inputs = [torch.randn(N, 3, dtype=torch.float64), torch.randn(N, 4, dtype=torch.float64)]
     model = bf.Classifier(layer)
     y = torch.randint(0, 2, (N,))
-    values = {k: v.double() + 0.3 * torch.randn_like(v.double())
-              for k, v in layer.init_values().items()}  # fmt: skip
+    values = {
+        k: v.double() + 0.3 * torch.randn_like(v.double()) for k, v in layer.init_values().items()
+    }
     values[layer.site_name(layer.SCALE_SITE)] = torch.rand(3, dtype=torch.float64) + 0.2
     return model, inputs, y, values
 
@@ -39,8 +40,9 @@ def test_supports_only_full_batch_binary_classifiers():
     assert supports_polya_gamma(model, (inputs, y))
     three = bf.Classifier(bf.CPFusion((3, 4), 3, max_rank=2))
     assert not supports_polya_gamma(three, (inputs, y))
-    assert not supports_polya_gamma(bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=2)),
-                                    (inputs, y.double()))  # fmt: skip
+    assert not supports_polya_gamma(
+        bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=2)), (inputs, y.double())
+    )
     assert not supports_polya_gamma(bf.Classifier(model.layer, num_data=1000), (inputs, y))
     with pytest.raises(ValueError, match="model: Polya-Gamma augmentation needs"):
         PolyaGammaPotential(three, (inputs, y))
@@ -61,10 +63,16 @@ def test_potential_given_omega_is_the_dense_gaussian_integral(kind):
     z = kappa / omega
     cov = 2 * design @ torch.diag(std**2) @ design.T + torch.diag(1 / omega)
     gauss = torch.distributions.MultivariateNormal(torch.zeros(N, dtype=torch.float64), cov)
-    log_lik = (gauss.log_prob(z) + 0.5 * (z * z * omega).sum() + 0.5 * N * math.log(2 * math.pi)
-               - 0.5 * omega.log().sum())  # fmt: skip
-    zeros = {layer.site_name(s): torch.zeros(layer.site_shapes()[s], dtype=torch.float64)
-             for s in layer.output_sites()}  # fmt: skip
+    log_lik = (
+        gauss.log_prob(z)
+        + 0.5 * (z * z * omega).sum()
+        + 0.5 * N * math.log(2 * math.pi)
+        - 0.5 * omega.log().sum()
+    )
+    zeros = {
+        layer.site_name(s): torch.zeros(layer.site_shapes()[s], dtype=torch.float64)
+        for s in layer.output_sites()
+    }
     out_prior = 2 * torch.distributions.Normal(0, std).log_prob(torch.zeros_like(std)).sum()
     log_prior = layer.log_prior({**values, **zeros}) - out_prior
     _, log_det = pot._values_and_log_det(params)
@@ -153,8 +161,9 @@ def test_nuts_on_a_binary_classifier_recovers_the_labels_and_the_rank():
     train, test = data.split(300)
     model = bf.Classifier(bf.CPFusion((4, 3), 2, max_rank=3))
     options = dict(num_samples=80, warmup_steps=80, init_steps=500, max_tree_depth=6)
-    res = bf.fit(model, train.inputs, train.y, guide="nuts", num_chains=2, progress=False,
-                 seed=0, **options)  # fmt: skip
+    res = bf.fit(
+        model, train.inputs, train.y, guide="nuts", num_chains=2, progress=False, seed=0, **options
+    )
     assert res.info["polya_gamma"] is True
     assert res.info["marginalized"] == ["layer.bias", "layer.main_effects", "layer.out_factor"]
     assert res.mcmc_samples["layer.out_factor"].shape == (2, 80, 2, 3)
@@ -170,13 +179,24 @@ def test_marginalize_option_switches_the_augmentation():
     model = bf.Classifier(bf.CPFusion((3, 2), 2, max_rank=2))
     runs = {}
     for option in (True, False):
-        runs[option] = bf.fit(model, data.inputs, data.y, guide="nuts", num_samples=3,
-                              warmup_steps=3, init_steps=30, marginalize=option,
-                              progress=False)  # fmt: skip
+        runs[option] = bf.fit(
+            model,
+            data.inputs,
+            data.y,
+            guide="nuts",
+            num_samples=3,
+            warmup_steps=3,
+            init_steps=30,
+            marginalize=option,
+            progress=False,
+        )
     assert runs[True].info["polya_gamma"] is True and runs[True].info["class_contrasts"] == []
     assert runs[False].info["polya_gamma"] is False and runs[False].info["marginalized"] == []
-    assert runs[False].info["class_contrasts"] == ["layer.bias", "layer.main_effects",
-                                                   "layer.out_factor"]  # fmt: skip
+    assert runs[False].info["class_contrasts"] == [
+        "layer.bias",
+        "layer.main_effects",
+        "layer.out_factor",
+    ]
     assert runs[True].mcmc_samples["layer.out_factor"].shape == (1, 3, 2, 2)
 
 
@@ -192,9 +212,20 @@ def test_gibbs_chain_and_plain_nuts_agree_on_a_small_posterior():
         model = bf.Classifier(bf.CPFusion((2, 3), 2, max_rank=1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # short chains may warn
-            res = bf.fit(model, train.inputs, train.y, guide="nuts", num_samples=200,
-                         warmup_steps=150, num_chains=2, progress=False, seed=1,
-                         init_steps=300, marginalize=option, max_tree_depth=6)  # fmt: skip
+            res = bf.fit(
+                model,
+                train.inputs,
+                train.y,
+                guide="nuts",
+                num_samples=200,
+                warmup_steps=150,
+                num_chains=2,
+                progress=False,
+                seed=1,
+                init_steps=300,
+                marginalize=option,
+                max_tree_depth=6,
+            )
         assert res.info["polya_gamma"] is option
         draws = res.predict(test.inputs, return_samples=True)["mean_samples"][..., 1]
         chains = draws.reshape(2, 200, -1)
@@ -209,7 +240,16 @@ def test_polya_gamma_path_non_centres_every_component_unless_asked_not_to():
     data = make_cp_classification((3, 2), 2, rank=1, num_data=50, seed=2)
     for reparam, expected in ((True, [0.0, 0.0]), (False, [1.0, 1.0])):
         model = bf.Classifier(bf.CPFusion((3, 2), 2, max_rank=2))
-        res = bf.fit(model, data.inputs, data.y, guide="nuts", num_samples=3, warmup_steps=3,
-                     init_steps=30, reparam=reparam, progress=False)  # fmt: skip
+        res = bf.fit(
+            model,
+            data.inputs,
+            data.y,
+            guide="nuts",
+            num_samples=3,
+            warmup_steps=3,
+            init_steps=30,
+            reparam=reparam,
+            progress=False,
+        )
         assert res.info["polya_gamma"] is True
         assert res.info["centered_components"] == {"layer.rank_scale": expected}

@@ -134,8 +134,17 @@ def test_prune_keeps_the_main_effects():
 def test_nuts_integrates_the_main_effects_out_with_the_output_factor():
     model = bf.Regressor(bf.CPFusion((3, 4), 1, max_rank=2, main_effects=True))
     xs, y = [torch.randn(10, 3), torch.randn(10, 4)], torch.randn(10)
-    res = bf.fit(model, xs, y, guide="nuts", marginalize=True, num_samples=2, warmup_steps=2,
-                 init_steps=20, progress=False)  # fmt: skip
+    res = bf.fit(
+        model,
+        xs,
+        y,
+        guide="nuts",
+        marginalize=True,
+        num_samples=2,
+        warmup_steps=2,
+        init_steps=20,
+        progress=False,
+    )
     assert res.info["marginalized"] == ["layer.bias", "layer.main_effects", "layer.out_factor"]
     assert res.mcmc_samples["layer.main_effects"].shape == (1, 2, 1, 7)
 
