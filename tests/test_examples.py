@@ -29,7 +29,7 @@ def test_quickstart_smoke(tmp_path):
     assert "rank  P(rank)" in out and "effective rank: mean" in out
     assert "parameters: full" in out
     acc = float(out.split("held-out accuracy: ")[1].split()[0])
-    assert 0.0 <= acc <= 1.0
+    assert acc >= 0.5  # chance is 0.2 (5 diets); 0.8 with the smoke settings here
     for name in ("rank_posterior.png", "lambda_forest.png", "elbo.png"):
         path = tmp_path / name
         assert path.exists() and path.stat().st_size > 1000, name
@@ -58,7 +58,8 @@ def test_nutrimouse_smoke(tmp_path):
     for method in ("meanfield", "nuts"):
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"{method}:"))
         acc = float(line.split("held-out accuracy ")[1].split(",")[0])
-        assert 0.0 <= acc <= 1.0
+        # chance is 0.2 (5 diets, 10 held-out mice); 0.4 / 0.6 with the smoke settings here
+        assert acc >= 0.3, (method, acc)
     assert (tmp_path / "rank_posteriors.png").stat().st_size > 1000
 
 
