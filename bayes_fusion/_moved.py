@@ -49,10 +49,14 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        return resolve(spec.name)
+        module = resolve(spec.name)
+        self._real_spec = module.__spec__  # the import system sets the alias's spec on it
+        return module
 
     def exec_module(self, module) -> None:
-        """Nothing to run: the module at the new path is already loaded."""
+        """Nothing to run (the module at the new path is loaded): give it its own spec back,
+        so that its relative imports still resolve against its real package."""
+        module.__spec__ = self._real_spec
 
 
 def resolve(old: str):

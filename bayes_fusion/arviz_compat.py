@@ -69,6 +69,18 @@ def from_dict(
     return data
 
 
+def bfmi(data) -> np.ndarray:
+    """E-BFMI of an MCMC fit's energy (``sample_stats.energy``), one value per chain (below 0.3:
+    momentum resampling explores the energy levels poorly), on either ArviZ line.
+
+    :param data: ArviZ data with a ``sample_stats`` group holding ``energy`` ``(chain, draw)``.
+    """
+    import arviz as az
+
+    values = az.bfmi(data)
+    return np.asarray(getattr(values, "energy", values), dtype=float)  # 1.x: a DataTree
+
+
 @dataclass(frozen=True)
 class Elpd:
     """PSIS-LOO estimate, the same fields on every ArviZ version.

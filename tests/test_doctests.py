@@ -20,7 +20,7 @@ WITH_EXAMPLES = sorted(
 
 
 def test_some_modules_have_examples():
-    assert {"bayes_fusion.infer.dispatch", "bayes_fusion.infer.svi"} <= set(WITH_EXAMPLES)
+    assert {"bayes_fusion.infer.dispatch", "bayes_fusion.infer.svi.loop"} <= set(WITH_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", WITH_EXAMPLES)

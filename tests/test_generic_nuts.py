@@ -148,5 +148,5 @@ def test_nuts_reports_the_compiled_potential():
         init_steps=100,
     )
     assert res.info["compiled_potential"] is True and res.info["compile_seconds"] > 0
-    with pytest.raises(ValueError, match="jit_compile: expected one of"):
+    with pytest.raises(ValueError, match="jit: expected one of"):
         _nuts(bf.Regressor(bf.XOXLinear(4, 2, genes=2)), data.inputs, data.y, jit="yes")

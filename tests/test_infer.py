@@ -12,6 +12,7 @@ from pyro.infer.autoguide import AutoNormal
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_regression
+from bayes_fusion.infer.svi import guides as svi_guides
 
 GUIDES = ["map", "meanfield", "lowrank", "full"]
 
@@ -85,10 +86,20 @@ def test_jit_where_it_cannot_compile_warns_and_runs_eagerly(small):
         bf.fit(_model(), small.inputs, small.y, jit=True, num_particles=2, **kw)
 
 
-def test_minibatch_sets_num_data(small):
+def test_minibatch_scales_to_num_data_during_the_fit(small):
     model = _model()
-    res = bf.fit(model, small.inputs, small.y, num_steps=20, batch_size=40, progress=False)
-    assert model.num_data == 120 and len(res.losses) == 20
+    seen = []
+    res = bf.fit(
+        model,
+        small.inputs,
+        small.y,
+        num_steps=20,
+        batch_size=40,
+        progress=False,
+        callback=lambda step, loss: seen.append(model.num_data),
+    )
+    assert set(seen) == {120} and len(res.losses) == 20  # the likelihood scaled to 120 rows
+    assert model.num_data is None  # and the model left as it was
 
 
 def test_early_stopping_and_callback(small):
@@ -137,7 +148,7 @@ def test_nan_loss_stops_with_step_and_site(small):
 
 
 def test_full_guide_refuses_large_models(monkeypatch, small):
-    monkeypatch.setattr(bf.guides, "FULL_COVARIANCE_MAX_DIM", 10)
+    monkeypatch.setattr(svi_guides, "FULL_COVARIANCE_MAX_DIM", 10)
     with pytest.raises(ValueError, match="guide: 'full' needs a dense .* use guide='lowrank'"):
         bf.fit(_model(), small.inputs, small.y, guide="full", num_steps=2, progress=False)
 

@@ -161,3 +161,16 @@ def test_mcmc_two_chains_rhat_present_and_finite():
         warnings.simplefilter("ignore")
         rhat = az.rhat(idata, var_names=["layer.relevance_sorted"])["layer.relevance_sorted"]
     assert np.isfinite(rhat.values).all()
+    # the sampler's per-draw statistics: ArviZ's energy diagnostics run on them
+    for name in ("energy", "step_size", "n_steps", "lp", "acceptance_rate"):
+        assert idata.sample_stats[name].shape == (2, 60), name
+    energy_bfmi = bf.arviz_compat.bfmi(idata)
+    assert energy_bfmi.shape == (2,) and np.isfinite(energy_bfmi).all()
+    az.plot_energy(idata)
+    matplotlib.pyplot.close("all")
+    # diagnostics() names its quantities as the export names them
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        diag = res.diagnostics()
+    sorted_names = {k for k in diag["r_hat"] if k.endswith("_sorted") or k.endswith("_rank")}
+    assert sorted_names and sorted_names <= set(idata.posterior.data_vars)
