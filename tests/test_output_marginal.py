@@ -93,8 +93,8 @@ def test_potential_is_the_dense_marginal(kind):
     _, log_det = pot._values_and_log_det(params)
     expected = -(log_prior + log_lik + log_det)
     torch.testing.assert_close(pot.potential(params), expected, rtol=1e-7, atol=1e-7)
-    assert set(pot.collapsed) == {layer.site_name(s) for s in layer.output_sites()}
-    assert not set(pot.collapsed) & {p.removesuffix("_decentered") for p in params}
+    assert set(pot.marginalized) == {layer.site_name(s) for s in layer.output_sites()}
+    assert not set(pot.marginalized) & {p.removesuffix("_decentered") for p in params}
 
 
 def test_complete_draws_the_output_sites_from_their_conditional():
@@ -103,7 +103,7 @@ def test_complete_draws_the_output_sites_from_their_conditional():
     values = _point(model, seed=1)
     y = torch.randn(N, layer.out_features, dtype=torch.float64)
     pot = OutputMarginal(model, (inputs, y))
-    rest = {k: v for k, v in values.items() if k not in pot.collapsed}
+    rest = {k: v for k, v in values.items() if k not in pot.marginalized}
     draws = 3000
     batch = {k: v.expand((draws,) + v.shape) for k, v in rest.items()}
     torch.manual_seed(0)

@@ -78,7 +78,7 @@ def test_potential_given_omega_is_the_dense_gaussian_integral(kind):
     _, log_det = pot._values_and_log_det(params)
     expected = -(log_prior + log_lik + log_det)
     torch.testing.assert_close(pot.potential(params), expected, rtol=1e-7, atol=1e-7)
-    assert set(pot.collapsed) == {layer.site_name(s) for s in layer.output_sites()}
+    assert set(pot.marginalized) == {layer.site_name(s) for s in layer.output_sites()}
     assert pot.contrasts == {}
 
 
@@ -122,7 +122,7 @@ def test_start_sets_omega_at_the_fixed_point():
 def test_complete_rebuilds_both_classes_rows():
     model, inputs, y, values = _problem(seed=3)
     pot = PolyaGammaPotential(model, (inputs, y))
-    rest = {k: v for k, v in values.items() if k not in pot.collapsed}
+    rest = {k: v for k, v in values.items() if k not in pot.marginalized}
     draws = 4000
     coef = torch.randn(pot.unit_rows["bias"].shape[0], dtype=torch.float64)
     batch = {k: v.expand((draws,) + v.shape) for k, v in rest.items()}
@@ -130,7 +130,7 @@ def test_complete_rebuilds_both_classes_rows():
     out = pot.complete({**batch, COEF_SITE: coef.expand(draws, -1)})
     assert COEF_SITE not in out
     std = pot.output_stds(values)[0]
-    flat = torch.cat([out[name].reshape(draws, 2, -1) for name in pot.collapsed], -1)
+    flat = torch.cat([out[name].reshape(draws, 2, -1) for name in pot.marginalized], -1)
     torch.testing.assert_close(
         flat[:, 1] - flat[:, 0], (std * math.sqrt(2) * coef).expand(draws, -1)
     )

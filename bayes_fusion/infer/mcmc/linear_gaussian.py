@@ -8,9 +8,9 @@ Per output ``o``: ``y_o = A c_o + noise_o`` with the design ``A`` ``(N, k)``, co
     c_o | y_o ~ Normal(K_o^-1 A^T y_o, sigma_o^2 K_o^-1),   K_o = A^T A + sigma_o^2 I
 
 A prior ``Normal(0, diag(s^2))`` on the coefficients is the same model with the design
-``A * s`` (and ``c * s`` the coefficients). Used by the collapsed NUTS paths
-(:mod:`.output_marginal`, :mod:`.polya_gamma`). Every function takes
-optional leading batch dims on ``design`` and ``noise``.
+``A * s`` (and ``c * s`` the coefficients). Used by the NUTS potentials that integrate output
+sites out (:mod:`.output_marginal`, :mod:`.polya_gamma`). Every function takes optional leading
+batch dims on ``design`` and ``noise``.
 """
 
 from __future__ import annotations

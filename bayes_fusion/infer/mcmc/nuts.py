@@ -241,7 +241,7 @@ def _run(model, args: tuple, options: NUTSOptions) -> FitResult:
         "full_mass": settings["full_mass"],
         "centered_components": {k: v.tolist() for k, v in potential.centered.items()},
         "class_contrasts": sorted(potential.contrasts),
-        "marginalized": sorted(getattr(potential, "collapsed", ())),
+        "marginalized": sorted(getattr(potential, "marginalized", ())),
         "polya_gamma": isinstance(potential, PolyaGammaPotential),
         "parallel": parallel,
         "chain_starts": start_description(settings),

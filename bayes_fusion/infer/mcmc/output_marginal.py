@@ -81,8 +81,8 @@ class LinearOutputs(ModelPotential):
         self.outputs = layer.out_features
         shapes = layer.site_shapes()
         # full site name -> (short name, shape)
-        self.collapsed = {layer.site_name(s): (s, shapes[s]) for s in layer.output_sites()}
-        for name in self.collapsed:
+        self.marginalized = {layer.site_name(s): (s, shapes[s]) for s in layer.output_sites()}
+        for name in self.marginalized:
             self.sites.pop(name)
             self.scaled.pop(name, None)
             self.contrasts.pop(name, None)
@@ -95,15 +95,15 @@ class LinearOutputs(ModelPotential):
     def _unit_rows(self) -> dict[str, Tensor]:
         """Short name -> value of every output site with ``K`` rows, row ``j`` of the stacked
         entries being ``e_j`` (so the layer's output is the design ``D``)."""
-        size = sum(math.prod(shape[1:]) for _, shape in self.collapsed.values())
+        size = sum(math.prod(shape[1:]) for _, shape in self.marginalized.values())
         split = self._split(torch.eye(size, dtype=self._dtype()))
-        return {short: split[name] for name, (short, _) in self.collapsed.items()}
+        return {short: split[name] for name, (short, _) in self.marginalized.items()}
 
     def _split(self, flat: Tensor) -> dict[str, Tensor]:
         """Rows of stacked output-site entries ``(R, K)`` -> full site name -> ``(R, ...)``, the
         site's entries in its own shape (``R`` outputs, or ``K`` unit rows)."""
         out, start = {}, 0
-        for name, (_, shape) in self.collapsed.items():
+        for name, (_, shape) in self.marginalized.items():
             size = math.prod(shape[1:])
             out[name] = flat[:, start : start + size].reshape((flat.shape[0],) + tuple(shape[1:]))
             start += size
@@ -115,7 +115,7 @@ class LinearOutputs(ModelPotential):
         return {
             short: values[layer.site_name(short)]
             for short in layer.site_shapes()
-            if layer.site_name(short) not in self.collapsed
+            if layer.site_name(short) not in self.marginalized
         }
 
     def design(self, values: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,7 +132,7 @@ class LinearOutputs(ModelPotential):
         given = self._rest(values)
         log_prior, stds = 0.0, []
         for short, prior in self.layer.site_priors(given):
-            if self.layer.site_name(short) in self.collapsed:
+            if self.layer.site_name(short) in self.marginalized:
                 scale = prior.base_dist.scale.expand(prior.batch_shape + prior.event_shape)
                 stds.append(scale[0].reshape(-1))
             else:
@@ -144,7 +144,7 @@ class LinearOutputs(ModelPotential):
         would be wrong): checked once, at the start values."""
         values = self.init_values
         design, std, _ = self.design(values)
-        shapes = dict(self.collapsed.values())
+        shapes = dict(self.marginalized.values())
         weights = {short: torch.randn(shape, dtype=design.dtype) for short, shape in shapes.items()}
         flat = torch.cat([w.reshape(self.outputs, -1) for w in weights.values()], -1)
         with torch.no_grad():
@@ -153,7 +153,7 @@ class LinearOutputs(ModelPotential):
         if not torch.allclose(direct, via_design, rtol=1e-4, atol=1e-4 * direct.abs().max()):
             raise NonConjugateError(
                 f"model: {type(self.layer).__name__}'s output is not linear in its output "
-                f"sites {sorted(self.collapsed)}; they cannot be integrated out"
+                f"sites {sorted(self.marginalized)}; they cannot be integrated out"
             )
 
 
@@ -194,7 +194,7 @@ class OutputMarginal(LinearOutputs):
         rest (``values``: site -> ``(..., site shape)`` with any leading draw dims)."""
         lead = values["noise"].shape[:-1]
         flat = {k: v.reshape((-1,) + v.shape[len(lead) :]) for k, v in values.items()}
-        draws = {name: [] for name in self.collapsed}
+        draws = {name: [] for name in self.marginalized}
         for i in range(flat["noise"].shape[0]):
             point = {k: v[i] for k, v in flat.items()}
             design, std, _ = self.design(point)
@@ -202,6 +202,6 @@ class OutputMarginal(LinearOutputs):
             for name, value in self._split(coef).items():
                 draws[name].append(value)
         out = dict(values)
-        for name, (_, shape) in self.collapsed.items():
+        for name, (_, shape) in self.marginalized.items():
             out[name] = torch.stack(draws[name]).reshape(lead + tuple(shape))
         return out

@@ -175,13 +175,13 @@ class PolyaGammaPotential(LinearOutputs):
         lead = coef.shape[:-1]
         flat_coef = coef.reshape(-1, coef.shape[-1])
         flat = {k: v.reshape((-1,) + v.shape[len(lead) :]) for k, v in values.items()}
-        draws = {name: [] for name in self.collapsed}
+        draws = {name: [] for name in self.marginalized}
         for i in range(flat_coef.shape[0]):
             std = self.output_stds({k: v[i] for k, v in flat.items()})[0]
             half = std * math.sqrt(2.0) * flat_coef[i] / 2
             mean = std * torch.randn_like(std) / math.sqrt(2.0)
             for name, value in self._split(torch.stack([mean - half, mean + half])).items():
                 draws[name].append(value)
-        for name, (_, shape) in self.collapsed.items():
+        for name, (_, shape) in self.marginalized.items():
             values[name] = torch.stack(draws[name]).reshape(lead + tuple(shape))
         return values

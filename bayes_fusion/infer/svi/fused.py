@@ -122,7 +122,7 @@ class FusedSteps:
         return ""
 
     def _load(self) -> None:
-        states = [self.optim._state_of(p) for p in self.params]
+        states = [self.optim.state_of(p) for p in self.params]
         steps, lrs = {s.step for s in states}, {s.lr for s in states}
         if len(steps) != 1 or len(lrs) != 1:
             raise RuntimeError("fused steps need one step count and learning rate for all")
@@ -141,7 +141,7 @@ class FusedSteps:
         with torch.no_grad():
             for p, value, m_p, v_p in zip(self.params, theta, m, v, strict=True):
                 p.copy_(value)
-                state = self.optim._state_of(p)
+                state = self.optim.state_of(p)
                 state.exp_avg, state.exp_avg_sq = m_p.clone(), v_p.clone()
                 state.lr, state.step = self._lr0, self._step0
         self._state = None

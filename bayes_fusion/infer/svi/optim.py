@@ -102,6 +102,8 @@ class FusedClippedAdam(PyroOptim):
         super().__init__(ClippedAdam, optim_args)
         self.args = {**_DEFAULTS, **optim_args}
         self._states: dict[Tensor, _ParamState] = {}
+        # saved states (parameter name -> ClippedAdam state_dict) for parameters not seen yet
+        self._pending: dict[str, dict] = {}
 
     # --- the update ---------------------------------------------------------------------
     def __call__(self, params, *args, **kwargs) -> None:
@@ -109,7 +111,7 @@ class FusedClippedAdam(PyroOptim):
         params = [p for p in params if p.grad is not None]
         if not params:
             return
-        states = [self._state_of(p) for p in params]
+        states = [self.state_of(p) for p in params]
         for s in states:
             s.lr *= self.args["lrd"]
             s.step += 1
@@ -128,18 +130,26 @@ class FusedClippedAdam(PyroOptim):
         with torch.no_grad():
             torch._foreach_add_(params, deltas)
 
-    def _state_of(self, p: Tensor) -> _ParamState:
+    def state_of(self, p: Tensor) -> _ParamState:
+        """The update state of parameter ``p`` (created, or loaded from :meth:`set_state`, on
+        first use): ``step``, ``lr``, ``exp_avg``, ``exp_avg_sq``."""
         state = self._states.get(p)
         if state is None:
             state = self._states[p] = _ParamState(p, self.args["lr"])
-            waiting = self._state_waiting_to_be_consumed.pop(
-                pyro.get_param_store().param_name(p), None
-            )
+            waiting = self._pending.pop(pyro.get_param_store().param_name(p), None)
             if waiting is not None:
                 self._load(state, waiting, p)
         return state
 
     # --- state in pyro.optim.ClippedAdam's format ----------------------------------------
+    def set_state(self, state_dict: dict) -> None:
+        """Load states saved by :meth:`get_state` (or ``pyro.optim.ClippedAdam``'s); each is
+        applied when its parameter is first updated.
+
+        :param state_dict: parameter name -> a ``ClippedAdam`` ``state_dict``.
+        """
+        self._pending.update(state_dict)
+
     def get_state(self) -> dict:
         """Parameter name -> a ``ClippedAdam`` ``state_dict`` for that parameter."""
         out = {}
