@@ -85,7 +85,7 @@ def main(argv=None):
         if args.only is None or name in args.only:
             started = time.perf_counter()
             table = run(ctx)
-            if table is not None:
+            if table is not None:  # a scored section's markdown
                 extra.append(table)
             print(f"section {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     meta = machine(device)

@@ -92,7 +92,6 @@ def scaling(ctx: Context):
         fig.savefig(out / "scaling.png", dpi=100)
     except ImportError:  # pragma: no cover
         pass
-    return curves
 
 
 def throughput(ctx: Context):
