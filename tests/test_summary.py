@@ -167,7 +167,9 @@ def test_mcmc_two_chains_rhat_present_and_finite():
     energy_bfmi = bf.arviz_compat.bfmi(idata)
     assert energy_bfmi.shape == (2,) and np.isfinite(energy_bfmi).all()
     az.plot_energy(idata)
-    matplotlib.pyplot.close("all")
+    from matplotlib import pyplot
+
+    pyplot.close("all")
     # diagnostics() names its quantities as the export names them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
