@@ -215,11 +215,12 @@ def rank_posterior(
     for path, layer in layers.items():
         rel = relevance_draws(layer, samples, kind)
         ranks = effective_rank_draws(layer, samples, threshold, kind)
-        probs = torch.bincount(ranks, minlength=layer.rank + 1).double() / ranks.numel()
+        # the largest rank the layer's map can have (XOX: min(genes, in, out))
+        probs = torch.bincount(ranks, minlength=layer.max_rank + 1).double() / ranks.numel()
         scales = layer_draws(layer, samples)[layer.SCALE_SITE]
         out[path] = RankPosterior(
             layer=path,
-            max_rank=layer.rank,
+            max_rank=layer.max_rank,
             rank_draws=ranks,
             probs=probs,
             relevance=rel.sort(dim=-1, descending=True).values,

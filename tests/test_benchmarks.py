@@ -50,6 +50,11 @@ def test_benchmarks_quick_writes_table(tmp_path):
     nuts = json.loads((tmp_path / "nuts_models.json").read_text())["rows"]
     assert nuts
     assert all(isinstance(r["marginalized"], list) and r["r_hat_pred"] >= 1.0 for r in nuts)
+    # XOX layers: accuracy against parameter count, nn.Linear / XOX / low-rank rows
+    assert "## XOX layers: accuracy against parameter count" in table
+    xox = json.loads((tmp_path / "xox_accuracy.json").read_text())["rows"]
+    assert {r["layer"] for r in xox} == {"linear", "xox", "lowrank"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["params"] > 0 for r in xox)
     # simulation-based calibration: ranks of the prior draws' truths, a histogram per quantity
     assert "## Simulation-based calibration" in table
     sbc = json.loads((tmp_path / "sbc.json").read_text())

@@ -103,7 +103,8 @@ def test_multiple_rank_layers_are_found_and_summarized():
     res = bf.fit(TwoLayers(), xs, torch.randn(50, 2), num_steps=20, progress=False)
     rps = bf.rank_posterior(res, num_samples=20)
     assert set(rps) == {"fusion", "head"}
-    assert rps["fusion"].max_rank == 4 and rps["head"].max_rank == 3
+    # the head maps 6 -> 2: its W has rank <= 2 whatever its 3 genes
+    assert rps["fusion"].max_rank == 4 and rps["head"].max_rank == 2
     pruned = bf.prune(res)
     assert set(pruned.modules) == {"fusion", "head"}
 

@@ -1,6 +1,6 @@
 """PyroModule layers with rank priors and their deterministic twins."""
 
-from .base import RankLayer, layer_init_values, rank_layers
+from .base import ParameterBudgetWarning, RankLayer, layer_init_values, rank_layers
 from .cp import CPFusion
 from .deterministic import DeterministicCPFusion, DeterministicXOXLinear
 from .interop import (
@@ -12,6 +12,7 @@ from .interop import (
 from .xox import XOXLinear
 
 __all__ = [
+    "ParameterBudgetWarning",
     "CPFusion",
     "DeterministicCPFusion",
     "DeterministicXOXLinear",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -12,9 +14,30 @@ from .._checks import check_positive_float
 from ..priors import make_rank_prior
 
 
+class ParameterBudgetWarning(UserWarning):
+    """A factorized layer holds more weights than the dense layer it replaces (e.g. an XOX
+    layer whose genes are too many for its sizes): it saves nothing and may fit worse."""
+
+
+def warn_if_larger_than_dense(layer: str, factored: int, dense: int) -> None:
+    """Warn (:class:`ParameterBudgetWarning`) when ``factored > dense`` weights.
+
+    :param layer: what to call the layer in the message, e.g. ``"XOXLinear(128, 10, genes=16)"``.
+    """
+    if factored > dense:
+        warnings.warn(
+            f"{layer}: {factored} factored weights, more than the {dense} of the dense layer it "
+            "replaces; use fewer genes (or leave genes=None for a default that compresses)",
+            ParameterBudgetWarning,
+            stacklevel=3,
+        )
+
+
 def validation_enabled() -> bool:
-    """Whether Pyro's validation is on (then layers also check inputs for NaN/inf)."""
-    return pyro.distributions.is_validation_enabled()
+    """Whether layers check their inputs' values for NaN/inf: when Pyro's validation is on and
+    the code is not being traced by ``torch.compile`` (the check reads values, which would break
+    a ``fullgraph=True`` graph; shapes, dtypes and devices are checked either way)."""
+    return pyro.distributions.is_validation_enabled() and not torch.compiler.is_compiling()
 
 
 def to_op_layout(value: Tensor, event_dim: int) -> Tensor:

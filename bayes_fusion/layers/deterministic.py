@@ -16,7 +16,16 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_float_tensor, check_positive_int
 from ..ops.cp import cp_fusion, cp_main_effects, cp_to_dense, embed_main_effects
-from ..ops.xox import ORDERS, xox_init_scale, xox_linear, xox_to_dense
+from ..ops.xox import (
+    INIT_TARGETS,
+    ORDERS,
+    default_genes,
+    xox_init_scale,
+    xox_linear,
+    xox_num_parameters,
+    xox_to_dense,
+)
+from .base import warn_if_larger_than_dense
 from .cp import check_modalities
 
 
@@ -166,25 +175,44 @@ class DeterministicCPFusion(nn.Module):
 class DeterministicXOXLinear(nn.Module):
     """XOX linear layer, a drop-in for ``nn.Linear``: ``(..., in) -> (..., out)``.
 
-    ``W = s X_out O X_in^T``. Factors start at the seed's stds (``X ~ N(0, 1/(3G))``,
-    ``O ~ N(0, 1/G^2)``) and the scale ``s`` is set in closed form
-    (:func:`bayes_fusion.ops.xox_init_scale`) so that ``std(W)`` equals the Kaiming-normal or
-    Xavier-normal target -- no random reference draw.
+    ``W = s X_out O X_in^T``, never formed by ``forward`` when the factored order is cheaper.
+    Factors start at the seed's stds (``X ~ N(0, 1/(3G))``, ``O ~ N(0, 1/G^2)``) and the scale
+    ``s`` is set in closed form (:func:`bayes_fusion.ops.xox_init_scale`) so that ``std(W)``
+    equals the target -- no random reference draw.
+
+    Differences from ``nn.Linear``: there is no ``weight`` parameter. :attr:`weight` (read-only)
+    and :meth:`dense_weight` materialize ``W`` (``out x in``) from the factors on every call:
+    changing the tensor they return changes nothing, and assigning ``layer.weight`` raises;
+    ``nn.init`` functions apply to ``x_in``, ``core`` and ``x_out``.
 
     :param in_features: input size.
     :param out_features: output size.
-    :param genes: bottleneck size ``G``.
+    :param genes: bottleneck size ``G``; ``None``: :func:`bayes_fusion.ops.default_genes`, the
+        most genes whose factors hold at most a quarter of the dense weight's entries. More
+        factored weights than the dense layer has warn
+        (:class:`~bayes_fusion.layers.base.ParameterBudgetWarning`).
     :param bias: whether to learn a bias (initialised like ``nn.Linear``'s).
-    :param init: ``"kaiming"`` (fan-in, gain sqrt(2)) or ``"xavier"`` (gain 1).
+    :param init: target std of ``W``: ``"kaiming"`` (normal, fan-in, gain sqrt(2): ``sqrt(2 /
+        in)``), ``"xavier"`` (normal, gain 1) or ``"linear"`` (``1 / sqrt(3 in)``, the std of
+        ``nn.Linear``'s default uniform init).
     :param order: evaluation order, ``"auto"`` (by FLOPs), ``"factored"`` or ``"dense"``.
     :param learn_scale: make ``s`` a parameter (the seed did) rather than a buffer.
+    :param dtype: dtype of the parameters, as ``nn.Linear``'s.
+    :param device: device of the parameters, as ``nn.Linear``'s.
+
+    Example::
+
+        >>> import torch, bayes_fusion as bf
+        >>> layer = bf.DeterministicXOXLinear(64, 128)  # genes from the parameter budget
+        >>> layer.genes, layer(torch.randn(5, 64)).shape
+        (10, torch.Size([5, 128]))
     """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        genes: int,
+        genes: int | None = None,
         bias: bool = True,
         init: str = "kaiming",
         order: str = "auto",
@@ -195,9 +223,16 @@ class DeterministicXOXLinear(nn.Module):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
+        if genes is None:
+            genes = default_genes(self.in_features, self.out_features)
         self.genes = check_positive_int("genes", genes)
         self.order = check_choice("order", order, ORDERS)
-        check_choice("init", init, ("kaiming", "xavier"))
+        check_choice("init", init, INIT_TARGETS)
+        warn_if_larger_than_dense(
+            f"DeterministicXOXLinear({in_features}, {out_features}, genes={genes})",
+            xox_num_parameters(in_features, out_features, genes, bias=False),
+            in_features * out_features,
+        )
         kw = {"dtype": dtype, "device": device}
         std_x = 1.0 / math.sqrt(3 * genes)
         std_core = 1.0 / genes
@@ -205,8 +240,7 @@ class DeterministicXOXLinear(nn.Module):
         self.core = nn.Parameter(torch.randn(genes, genes, **kw) * std_core)
         self.x_out = nn.Parameter(torch.randn(out_features, genes, **kw) * std_x)
         scale = torch.tensor(
-            xox_init_scale(in_features, out_features, genes, std_x, std_core, std_x, init),
-            **kw,
+            xox_init_scale(in_features, out_features, genes, std_x, std_core, std_x, init), **kw
         )
         if learn_scale:
             self.scale = nn.Parameter(scale)
@@ -220,19 +254,43 @@ class DeterministicXOXLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """Dense weight ``(out, in)`` (built on demand; not used by ``forward``)."""
+        """The dense weight ``(out, in)``, materialized from the factors on every access (read
+        only: see :meth:`dense_weight`)."""
+        return self.dense_weight()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":
+            raise AttributeError(
+                "weight: DeterministicXOXLinear has no weight parameter to assign; W = s X_out "
+                "O X_in^T is materialized from the factors (set x_in, core, x_out, or build the "
+                "layer with DeterministicXOXLinear.from_factors)"
+            )
+        super().__setattr__(name, value)
+
+    def dense_weight(self) -> Tensor:
+        """The dense weight ``W = s X_out O X_in^T`` ``(out, in)``, built from the factors
+        (differentiable; ``out x in`` memory: ``forward`` does not need it)."""
         return xox_to_dense(self.x_in, self.core, self.x_out, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the layer.
 
-        :param x: ``(..., in)``.
+        :param x: ``(..., in)``, in the layer's dtype and on its device.
         :returns: ``(..., out)``.
         """
         check_float_tensor("x", x, min_dim=1)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x: expected {self.in_features} features (last dim), got shape {tuple(x.shape)}"
+            )
+        if x.dtype != self.x_in.dtype:
+            raise TypeError(
+                f"x: expected dtype {self.x_in.dtype} (the layer's dtype; convert the input or "
+                f"call layer.to({x.dtype})), got {x.dtype}"
+            )
+        if x.device != self.x_in.device:
+            raise ValueError(
+                f"x: expected a tensor on {self.x_in.device} (the layer's device), got {x.device}"
             )
         return xox_linear(x, self.x_in, self.core, self.x_out, self.scale, self.bias, self.order)
 

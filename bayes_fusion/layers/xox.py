@@ -7,8 +7,15 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_finite, check_float_tensor, check_positive_int
-from ..ops.xox import ORDERS, xox_linear, xox_singular_values
-from .base import RankLayer, to_op_layout, validation_enabled
+from ..ops.xox import (
+    ORDERS,
+    default_genes,
+    xox_compact,
+    xox_linear,
+    xox_num_parameters,
+    xox_singular_values,
+)
+from .base import RankLayer, to_op_layout, validation_enabled, warn_if_larger_than_dense
 
 
 class XOXLinear(RankLayer):
@@ -42,13 +49,18 @@ class XOXLinear(RankLayer):
 
     :param in_features: input size.
     :param out_features: output size.
-    :param genes: number of genes ``G`` (the maximum rank of ``W``).
+    :param genes: number of genes ``G``; ``None``: :func:`~bayes_fusion.ops.default_genes`, the
+        most genes whose factors hold at most a quarter of the dense weight's entries. ``W``'s
+        rank is at most ``min(G, in, out)`` (:attr:`max_rank`); more factored weights than the
+        dense layer has warn (:class:`~bayes_fusion.layers.base.ParameterBudgetWarning`).
     :param eta: rank-prior scale (``> 0``).
     :param rank_prior: ``"half_cauchy"`` or ``"log_uniform"``.
     :param bias: whether to add a bias site.
     :param order: ``"auto"``, ``"factored"`` or ``"dense"``.
     :param scale_floor: ``eps`` above.
     :param bias_scale: prior std of the bias (default 10: weakly informative).
+    :param dtype: dtype of the layer's buffers (and so of its sites), as ``nn.Linear``'s.
+    :param device: device of the layer's buffers, as ``nn.Linear``'s.
 
     Example::
 
@@ -62,16 +74,20 @@ class XOXLinear(RankLayer):
         self,
         in_features: int,
         out_features: int,
-        genes: int,
+        genes: int | None = None,
         eta: float = 1.0,
         rank_prior: str = "half_cauchy",
         bias: bool = True,
         order: str = "auto",
         scale_floor: float = 1e-3,
         bias_scale: float = 10.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         in_features = check_positive_int("in_features", in_features)
         out_features = check_positive_int("out_features", out_features)
+        if genes is None:
+            genes = default_genes(in_features, out_features)
         genes = check_positive_int("genes", genes)
         check_choice("order", order, ORDERS)
         super().__init__(eta, rank_prior, scale_floor, bias_scale)
@@ -82,11 +98,23 @@ class XOXLinear(RankLayer):
         self.order = order
         self.register_buffer("output_scale", torch.tensor(1.0 / genes))
         self.register_buffer("core_scale", torch.tensor(1.0))
+        if dtype is not None or device is not None:
+            self.to(device=device, dtype=dtype)
+        warn_if_larger_than_dense(
+            f"XOXLinear({in_features}, {out_features}, genes={genes})",
+            xox_num_parameters(in_features, out_features, genes, bias=False),
+            in_features * out_features,
+        )
 
     @property
     def rank(self) -> int:
-        """Number of genes ``G``."""
+        """Number of genes ``G`` (the length of the scale site)."""
         return self.genes
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank ``W`` can have: ``min(G, in, out)``."""
+        return min(self.genes, self.in_features, self.out_features)
 
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Short site name -> event shape, in sampling order."""
@@ -115,6 +143,13 @@ class XOXLinear(RankLayer):
         :param x: input of shape ``(..., B, in)``.
         :returns: tensor of shape ``(..., B, out)``.
         """
+        self._check_input(x)
+        return self.apply(self.sample_sites(), x)
+
+    def _check_input(self, x: Tensor) -> None:
+        """Shape, dtype and device of ``x`` always; its values (NaN/inf) when validating and not
+        compiling (:func:`~bayes_fusion.layers.base.validation_enabled`), so that
+        ``torch.compile(fullgraph=True)`` traces through."""
         check_float_tensor("x", x, min_dim=1)
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -123,7 +158,6 @@ class XOXLinear(RankLayer):
         self._check_input_like("x", x)
         if validation_enabled():
             check_finite("x", x)
-        return self.apply(self.sample_sites(), x)
 
     def site_priors(self, values: dict[str, Tensor]):
         """Priors in sampling order (see :meth:`RankLayer.site_priors`): ``rank_scale``,
@@ -187,32 +221,33 @@ class XOXLinear(RankLayer):
         return sv * self.output_scale.to(sv.dtype)
 
     def compact_factors(self, values: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
-        """Factors of an XOX map with ``rank`` genes closest to ``W`` (truncated SVD).
+        """Factors of an XOX map with ``rank`` genes closest to ``W`` (truncated SVD), computed
+        from QR factorizations of the thin factors and the SVD of a ``G x G`` matrix
+        (:func:`~bayes_fusion.ops.xox_compact`): ``O((in + out) G^2)`` time and memory, the dense
+        ``W`` is never formed.
 
         ``W ~ U_k S_k V_k^T`` is written as ``X_out = U_k S_k^{1/2}``, ``O = I_k``,
         ``X_in = V_k S_k^{1/2}`` with output scale 1; exact when ``rank(W) <= rank``.
 
         :param values: short site name -> tensor (one draw, no leading dims).
+        :param rank: genes to keep (at most :attr:`max_rank` are kept).
         :returns: ``{"x_in": (in, k), "core": (k, k), "x_out": (out, k), "scale": 1.0}``.
         """
-        from ..ops.xox import xox_to_dense
-
-        w = xox_to_dense(values["x_in"], values["core"], values["x_out"], self.output_scale)
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        root = s[:rank].sqrt()
+        x_in, x_out = xox_compact(
+            values["x_in"], values["core"], values["x_out"], self.output_scale, rank
+        )
+        k = x_in.shape[-1]
         return {
-            "x_in": vh[:rank].transpose(-1, -2) * root,
-            "core": torch.eye(rank, dtype=w.dtype, device=w.device),
-            "x_out": u[:, :rank] * root,
+            "x_in": x_in,
+            "core": torch.eye(k, dtype=x_in.dtype, device=x_in.device),
+            "x_out": x_out,
             "scale": 1.0,
         }
 
     def num_parameters(self, rank: int | None = None) -> int:
         """Number of weights of a deterministic XOX layer with ``rank`` genes."""
         g = self.genes if rank is None else rank
-        return g * (self.in_features + self.out_features + g) + (
-            self.out_features if self.use_bias else 0
-        )
+        return xox_num_parameters(self.in_features, self.out_features, g, self.use_bias)
 
     def extra_repr(self) -> str:
         return (

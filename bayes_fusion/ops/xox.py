@@ -20,6 +20,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_COMPRESSION",
+    "INIT_TARGETS",
+    "default_genes",
+    "xox_compact",
+    "xox_num_parameters",
     "xox_flops",
     "xox_choose_order",
     "xox_linear",
@@ -31,6 +36,34 @@ __all__ = [
 ]
 
 ORDERS = ("auto", "factored", "dense")
+
+#: the weight-std targets of :func:`xox_init_scale`
+INIT_TARGETS = ("kaiming", "xavier", "linear")
+
+#: parameter budget of :func:`default_genes`: the factors hold at most ``1 / DEFAULT_COMPRESSION``
+#: of the dense weight's entries
+DEFAULT_COMPRESSION = 4.0
+
+
+def xox_num_parameters(in_features: int, out_features: int, genes: int, bias: bool = True) -> int:
+    """Weights of an XOX layer: ``G (in + out + G)`` factor entries (+ ``out`` bias entries)."""
+    return genes * (in_features + out_features + genes) + (out_features if bias else 0)
+
+
+def default_genes(
+    in_features: int, out_features: int, compression: float = DEFAULT_COMPRESSION
+) -> int:
+    """The default number of genes: the largest ``G`` whose factors hold at most
+    ``in * out / compression`` entries (``G (in + out + G)``), at least 1 and at most
+    ``min(in, out)`` (the largest rank ``W`` can have).
+
+    :param compression: how many times fewer factor entries than dense weights (``> 0``).
+    """
+    budget = in_features * out_features / compression
+    span = in_features + out_features
+    # the positive root of G^2 + span G = budget
+    genes = int((math.sqrt(span * span + 4 * budget) - span) / 2)
+    return max(1, min(genes, in_features, out_features))
 
 
 def xox_flops(
@@ -142,6 +175,33 @@ def xox_singular_values(x_in: Tensor, core: Tensor, x_out: Tensor) -> Tensor:
     return torch.linalg.svdvals(middle)
 
 
+def xox_compact(
+    x_in: Tensor, core: Tensor, x_out: Tensor, scale: Tensor | float, rank: int
+) -> tuple[Tensor, Tensor]:
+    """Factors of the rank-``rank`` truncated SVD of ``W = s X_out O X_in^T``, without forming
+    ``W``: ``W ~ U_k S_k V_k^T = (U_k S_k^{1/2}) (V_k S_k^{1/2})^T``.
+
+    With thin QR factorizations ``X = Q R``, ``W = Q_out (s R_out O R_in^T) Q_in^T``, so the SVD
+    of the ``G x G`` middle matrix gives ``W``'s: ``U = Q_out U_m``, ``V = Q_in V_m``. Time and
+    memory ``O((in + out) G^2)``; exact when ``rank >= rank(W)``.
+
+    :param x_in: ``(in, G)``. :param core: ``(G, G)``. :param x_out: ``(out, G)``.
+    :param scale: the output scale ``s``.
+    :param rank: genes to keep, ``1 <= rank``; at most ``min(G, in, out)`` are meaningful.
+    :returns: ``(x_in_k, x_out_k)``, ``(in, k)`` and ``(out, k)`` with ``k = min(rank, G, in,
+        out)``, such that ``x_out_k x_in_k^T`` is the truncated ``W`` (identity core, scale 1).
+    """
+    q_in, r_in = torch.linalg.qr(x_in)
+    q_out, r_out = torch.linalg.qr(x_out)
+    middle = scale * torch.matmul(torch.matmul(r_out, core), r_in.transpose(-1, -2))
+    u, s, vh = torch.linalg.svd(middle)
+    k = min(rank, s.shape[-1])
+    root = s[..., :k].sqrt()
+    x_out_k = torch.matmul(q_out, u[..., :k]) * root.unsqueeze(-2)
+    x_in_k = torch.matmul(q_in, vh[..., :k, :].transpose(-1, -2)) * root.unsqueeze(-2)
+    return x_in_k, x_out_k
+
+
 def xox_init_scale(
     in_features: int,
     out_features: int,
@@ -156,10 +216,12 @@ def xox_init_scale(
 
     For independent zero-mean entries, ``W_ij = sum_{g,h} X_out[i,g] O[g,h] X_in[j,h]`` is a sum
     of ``G^2`` uncorrelated terms, so ``std(W_ij) = G std_out std_core std_in``; the target std
-    is ``gain / sqrt(in)`` for Kaiming-normal (fan-in; default gain ``sqrt(2)``, ReLU) or
-    ``gain * sqrt(2 / (in + out))`` for Xavier-normal (default gain 1).
+    is ``gain / sqrt(in)`` for Kaiming-normal (fan-in; default gain ``sqrt(2)``, ReLU),
+    ``gain * sqrt(2 / (in + out))`` for Xavier-normal (default gain 1), or ``gain / sqrt(3 in)``
+    for ``"linear"`` (default gain 1: the std of ``nn.Linear``'s default init, uniform on
+    ``+-1 / sqrt(in)``).
 
-    :param target: ``"kaiming"`` or ``"xavier"``.
+    :param target: one of :data:`INIT_TARGETS`.
     :returns: the scale ``s`` as a float.
     """
     if target == "kaiming":
@@ -168,6 +230,9 @@ def xox_init_scale(
     elif target == "xavier":
         gain = 1.0 if gain is None else gain
         target_std = gain * math.sqrt(2.0 / (in_features + out_features))
+    elif target == "linear":
+        gain = 1.0 if gain is None else gain
+        target_std = gain / math.sqrt(3.0 * in_features)
     else:
-        raise ValueError(f"target: expected 'kaiming' or 'xavier', got {target!r}")
+        raise ValueError(f"target: expected one of {INIT_TARGETS}, got {target!r}")
     return target_std / (genes * std_out * std_core * std_in)
