@@ -8,6 +8,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
+from pyro.poutine.messenger import block_messengers
+from pyro.poutine.plate_messenger import PlateMessenger
 from torch import Tensor
 
 from .._checks import check_positive_float
@@ -31,6 +33,24 @@ def warn_if_larger_than_dense(layer: str, factored: int, dense: int) -> None:
             ParameterBudgetWarning,
             stacklevel=3,
         )
+
+
+def is_data_plate(messenger, rows: Tensor | None) -> bool:
+    """Whether ``messenger`` is a vectorized ``pyro.plate`` over the rows of ``rows``
+    ``(..., B, d)``: the input's dim aligned with the plate's dim (the plate's dims count the
+    output's batch dims, which are the input's less its feature dim) holds the plate's
+    subsample size. Such a plate indexes data rows; a plate the input does not vary along
+    (particles, predictive draws, chains) is not one.
+
+    :param messenger: a Pyro messenger on the stack.
+    :param rows: the layer's input, or ``None`` (then no plate is a data plate).
+    """
+    if rows is None or not isinstance(messenger, PlateMessenger) or messenger.dim is None:
+        return False
+    position = messenger.dim - 1  # the input's dim for the plate's batch dim
+    if rows.dim() < -position:
+        return False
+    return rows.shape[position] == messenger.subsample_size
 
 
 def validation_enabled() -> bool:
@@ -121,11 +141,21 @@ class RankLayer(PyroModule):
         """
         raise NotImplementedError
 
-    def sample_sites(self) -> dict[str, Tensor]:
-        """Sample every site of the layer as a Pyro sample site: short name -> value."""
+    def sample_sites(self, rows: Tensor | None = None) -> dict[str, Tensor]:
+        """Sample every site of the layer as a Pyro sample site: short name -> value.
+
+        The layer's sites are global: enclosing *data* plates -- those the input ``rows``
+        varies along (its dim aligned with the plate's holds the plate's (subsample) size) --
+        neither batch nor scale them, so a layer called inside a user's (subsampled) data plate
+        samples its weights once and returns one row per input row. Every other enclosing plate
+        (vectorized particles, ``Predictive(parallel=True)``, many chains) batches them.
+
+        :param rows: the layer's input ``(..., B, d)`` (``None``: every plate batches).
+        """
         values: dict[str, Tensor] = {}
-        for short, prior in self.site_priors(values):
-            values[short] = pyro.sample(self.site_name(short), prior)
+        with block_messengers(lambda messenger: is_data_plate(messenger, rows)):
+            for short, prior in self.site_priors(values):
+                values[short] = pyro.sample(self.site_name(short), prior)
         return values
 
     def short_values(self, values: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -216,7 +216,7 @@ class CPFusion(RankLayer):
         inputs = check_modalities(inputs, self.in_features)
         first = next(m for m, x in enumerate(inputs) if x is not None)
         self._check_input_like(f"inputs[{first}]", inputs[first])
-        return self.apply(self.sample_sites(), inputs)
+        return self.apply(self.sample_sites(inputs[first]), inputs)
 
     def site_priors(self, values: dict[str, Tensor]):
         """Priors in sampling order (see :meth:`RankLayer.site_priors`): ``rank_scale``, every

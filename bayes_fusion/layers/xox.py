@@ -144,7 +144,7 @@ class XOXLinear(RankLayer):
         :returns: tensor of shape ``(..., B, out)``.
         """
         self._check_input(x)
-        return self.apply(self.sample_sites(), x)
+        return self.apply(self.sample_sites(x), x)
 
     def _check_input(self, x: Tensor) -> None:
         """Shape, dtype and device of ``x`` always; its values (NaN/inf) when validating and not

@@ -318,7 +318,11 @@ class ModelPotential(Potential):
         return values, log_det
 
     def _class_mean_std(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Prior std of the class mean of every contrast site, ``(..., rest of its shape)``."""
+        """Prior std of the class mean of every contrast site, ``(..., rest of its shape)``
+        (none for a model without class contrasts: any model but a ``Classifier`` around one of
+        the library's rank layers)."""
+        if not self.contrasts:
+            return {}
         layer = self.model.layer
         given = layer.short_values(values)
         out = {}
