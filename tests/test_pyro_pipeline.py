@@ -167,3 +167,53 @@ def test_nuts_on_a_plain_pyro_function_without_a_rank_layer():
     assert abs(float(mu.mean()) - 4.4) < 1.5 and 2.0 < float(mu.std()) < 4.5
     assert 1.5 < float(tau.mean()) < 6.0
     assert sum(res.info["divergences"]) <= 8  # non-centred: few, if any
+
+
+class RowsPoisson(PyroModule):
+    """A user model over whatever rows it is given (a plain plate), with a group-level tensor
+    argument that is not row-aligned."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixer = bf.CPFusion((3, 4), 1, max_rank=2)
+
+    def forward(self, xs, offsets, y=None):
+        eta = self.mixer(xs).squeeze(-1) + offsets.sum()
+        with pyro.plate("rows", eta.shape[-1]):
+            return pyro.sample("obs", dist.Poisson(eta.exp()), obs=y)
+
+
+def test_fit_minibatches_a_user_model_with_the_full_data_expected_elbo():
+    """fit(batch_size=B) slices the row-aligned arguments (not the 3 offsets) and weights the
+    observed site by N / B: over many minibatches the mean loss at a fixed guide is the
+    full-batch loss, within standard errors."""
+    from bayes_fusion.infer.svi.batches import BatchStream, prototype_args
+    from bayes_fusion.infer.svi.step import PriorAnneal
+
+    xs, y = _data("cp")
+    offsets = torch.tensor([0.1, -0.2, 0.05])
+    model = RowsPoisson()
+    res = bf.fit(model, xs, offsets, y, batch_size=50, num_steps=300, progress=False)
+    assert sum(res.losses[-20:]) < sum(res.losses[:20])
+    assert not hasattr(model, "num_data")  # the fit wrote no attribute of the model
+    args = (xs, offsets, y)
+    anneal = PriorAnneal()
+    proto = prototype_args(args, 50, N, None)
+    assert proto[1] is offsets and proto[0][0].shape == (50, 3)
+    gen = torch.Generator().manual_seed(0)
+    stream = iter(BatchStream(args, N, 50, gen, None, anneal, proto, model))
+    elbo = Trace_ELBO()
+    with res.param_scope(), torch.no_grad():
+        full = torch.tensor([elbo.loss(model, res.guide, *args) for _ in range(200)])
+        mini = torch.tensor(
+            [elbo.loss(anneal(model), res.guide, *next(stream)) for _ in range(400)]
+        )
+    assert anneal.obs_scale == N / 50
+    sem = math.sqrt(float(full.var()) / 200 + float(mini.var()) / 400)
+    assert abs(float(mini.mean() - full.mean())) < 4 * sem, (float(mini.mean()), float(full.mean()))
+
+
+def test_fit_refuses_to_minibatch_a_model_that_subsamples_itself():
+    xs, y = _data("cp")
+    with pytest.raises(ValueError, match="batch_size: the model subsamples its rows itself"):
+        bf.fit(Inside(_layer("cp")), xs, y, batch_size=20, num_steps=2, progress=False)

@@ -94,12 +94,18 @@ def num_rows(obj) -> int | None:
     return None
 
 
-def slice_rows(obj, index):
-    """Select rows ``index`` of every tensor in a (nested) list/tuple of model arguments."""
+def slice_rows(obj, index, rows: int | None = None):
+    """Select rows ``index`` of every tensor in a (nested) list/tuple of model arguments.
+
+    :param rows: the data's row count: only tensors whose first dim is ``rows`` are sliced
+        (row-aligned arguments), the others passed as they are; ``None``: every tensor with a
+        dim is sliced.
+    """
     if isinstance(obj, Tensor):
-        return obj[index] if obj.dim() > 0 else obj
+        aligned = obj.dim() > 0 and (rows is None or obj.shape[0] == rows)
+        return obj[index] if aligned else obj
     if isinstance(obj, (list, tuple)):
-        return type(obj)(slice_rows(item, index) for item in obj)
+        return type(obj)(slice_rows(item, index, rows) for item in obj)
     return obj
 
 

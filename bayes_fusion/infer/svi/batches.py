@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from ..._checks import check_positive_int
 from ..data import slice_rows
@@ -13,6 +15,7 @@ from . import distributed as bfdist
 
 __all__ = [
     "BatchStream",
+    "check_no_own_subsampling",
     "configure_batching",
     "kept_num_data",
     "prototype_args",
@@ -35,11 +38,12 @@ def kept_num_data(model):
 
 
 def configure_batching(model, rows: int | None, batch_size: int | None, sync) -> int | None:
-    """Validate ``batch_size`` and set the model's ``num_data`` (the likelihood is scaled by
-    ``N / batch``); returns the batch size in effect (``None``: full batch).
+    """Validate ``batch_size`` and set the model's ``num_data`` (the library's models scale
+    their likelihood by ``N / batch``; a model without ``num_data`` has its observed sites
+    scaled by the fit, :class:`BatchStream`); returns the batch size in effect (``None``: full
+    batch).
 
-    :raises ValueError: a non-positive ``batch_size``, no tensor with rows, or a minibatch on a
-        model without ``num_data``.
+    :raises ValueError: a non-positive ``batch_size`` or no tensor with rows.
     """
     if batch_size is not None:
         batch_size = check_positive_int("batch_size", batch_size)
@@ -48,11 +52,6 @@ def configure_batching(model, rows: int | None, batch_size: int | None, sync) ->
         batch_size = min(batch_size, rows)
         if hasattr(model, "num_data"):
             model.num_data = rows if batch_size < rows else None
-        elif batch_size < rows:
-            raise ValueError(
-                "batch_size: this model has no num_data attribute to scale its "
-                "likelihood; subsample inside your model instead"
-            )
     elif sync is not None:
         model.num_data = rows  # each rank sees a shard: scale its likelihood to all rows
     elif getattr(model, "num_data", None) not in (None, rows):
@@ -65,15 +64,40 @@ def configure_batching(model, rows: int | None, batch_size: int | None, sync) ->
 def prototype_args(args: tuple, batch_size: int | None, rows: int | None, sync) -> tuple:
     """Arguments of the shape one step sees (the guide is built on these)."""
     if sync is not None:
-        return slice_rows(args, sync.plan.local_rows(torch.arange(batch_size or rows)))
-    return args if batch_size is None else slice_rows(args, slice(0, batch_size))
+        return slice_rows(args, sync.plan.local_rows(torch.arange(batch_size or rows)), rows)
+    return args if batch_size is None else slice_rows(args, slice(0, batch_size), rows)
+
+
+def check_no_own_subsampling(model, args: tuple) -> None:
+    """A model minibatched by ``fit`` must not subsample its rows itself (the fit slices the
+    row-aligned arguments and scales the observed sites by ``N / batch``: a subsampled plate
+    would scale them again).
+
+    :param args: the model's full arguments.
+    :raises ValueError: naming the model's subsampled plate.
+    """
+    with torch.random.fork_rng(), poutine.block(), torch.no_grad():
+        trace = poutine.trace(model).get_trace(*args)
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.full_size != frame.size:
+                raise ValueError(
+                    f"batch_size: the model subsamples its rows itself (plate {frame.name!r}, "
+                    f"{frame.size} of {frame.full_size}); pass batch_size=None and keep your "
+                    "subsampled plate, or let fit slice the rows and use a plain plate over them"
+                )
 
 
 class BatchStream:
     """Endless iterator over the model arguments of each step.
 
     Full batch: ``args`` every step. Minibatches: rows reshuffled every epoch by
-    ``generator`` (so a resumed fit continues the sequence). Distributed: the same global
+    ``generator`` (so a resumed fit continues the sequence); the row-aligned tensors of
+    ``args`` (first dim = ``rows``) are sliced, the others passed whole. A model without
+    ``num_data`` (a user model) has its observed sites weighted by ``rows / batch`` on
+    ``anneal.obs_scale``, so the expected loss is the full-data one. Distributed: the same global
     batch on every rank, each rank yielding its shard and setting its likelihood weight on
     ``anneal.obs_scale``.
 
@@ -83,12 +107,15 @@ class BatchStream:
     :param sync: distributed synchroniser or ``None``.
     :param anneal: the :class:`~bayes_fusion.infer.svi_step.PriorAnneal` of the fit.
     :param proto_args: this rank's full-batch shard (as :func:`prototype_args`).
+    :param model: the model (whether it has ``num_data`` decides who scales the likelihood).
     """
 
-    def __init__(self, args, rows, batch_size, generator, sync, anneal, proto_args) -> None:
+    def __init__(self, args, rows, batch_size, generator, sync, anneal, proto_args, model) -> None:
         self.args, self.rows, self.batch_size = args, rows, batch_size
         self.generator, self.sync, self.anneal = generator, sync, anneal
         self.proto_args = proto_args
+        #: the fit itself weights the observed sites (a model without ``num_data``)
+        self.weights_observations = not hasattr(model, "num_data")
 
     def _global_batches(self):
         while True:
@@ -102,14 +129,18 @@ class BatchStream:
     def __iter__(self):
         sync = self.sync
         for idx in self._global_batches():
-            if sync is None:
-                yield self.args if idx is None else slice_rows(self.args, idx)
+            if sync is None and idx is None:
+                yield self.args
+            elif sync is None:
+                if self.weights_observations:
+                    self.anneal.obs_scale = self.rows / len(idx)
+                yield slice_rows(self.args, idx, self.rows)
             elif idx is None:  # full batch: this rank's shard is proto_args, every step
                 self.anneal.obs_scale = sync.plan.likelihood_weight(self.rows)
                 yield self.proto_args
             else:
                 self.anneal.obs_scale = sync.plan.likelihood_weight(len(idx))
-                yield slice_rows(self.args, sync.plan.local_rows(idx))
+                yield slice_rows(self.args, sync.plan.local_rows(idx), self.rows)
 
 
 def start_distributed(model, args, rows: int | None, batch_size: int | None, timeout: float):

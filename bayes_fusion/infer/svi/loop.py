@@ -25,6 +25,7 @@ from ..persist import read_state
 from ..result import FitResult
 from .batches import (
     BatchStream,
+    check_no_own_subsampling,
     configure_batching,
     kept_num_data,
     prototype_args,
@@ -76,8 +77,12 @@ def fit_svi(
         whose learning rate decays geometrically to ``final_lr_fraction * lr``.
     :param num_particles: ELBO particles; vectorized when ``vectorize_particles``.
     :param batch_size: minibatch size (``None``: full batch). Rows are reshuffled every epoch;
-        during the fit the model's ``num_data`` is set so the likelihood is scaled by
-        ``N / batch_size``; afterwards it is back to what it was.
+        the row-aligned tensor arguments (first dim ``N``, the rows of the first tensor) are
+        sliced, other arguments passed whole. The library's models scale their likelihood by
+        ``N / batch_size`` through ``num_data`` (set during the fit, afterwards back to what it
+        was); any other model has its observed sites scaled by ``N / batch_size`` by the fit
+        (it must then not subsample its rows itself: ``ValueError``), so the expected loss is
+        the full-data ELBO either way.
     :param seed: seed of this fit's own random draws (same seed -> same result on CPU); the
         caller's global RNG streams (``random``, NumPy, torch) are left as they were. ``None``:
         draw from (and advance) the global streams.
@@ -166,6 +171,8 @@ def fit_svi(
         if distributed:
             sync = start_distributed(model, args, rows, batch_size, distributed_timeout)
         batch_size = configure_batching(model, rows, batch_size, sync)
+        if batch_size is not None and batch_size < rows and not hasattr(model, "num_data"):
+            check_no_own_subsampling(model, args)
         proto_args = prototype_args(args, batch_size, rows, sync)
         method, guide_obj = _build_guide(guide, model, proto_args, init_scale)
         optim = optimizer or default_optimizer(lr, num_steps, final_lr_fraction)
@@ -199,7 +206,7 @@ def fit_svi(
         if sync is not None:
             # start every rank from rank 0's values, as DDP does
             sync.attach([p for _, p in sorted(pyro.get_param_store().named_parameters())])
-        batches = BatchStream(args, rows, batch_size, gen, sync, stepper.anneal, proto_args)
+        batches = BatchStream(args, rows, batch_size, gen, sync, stepper.anneal, proto_args, model)
         run = _Run(model, guide_obj, method, args, optim, gen, sync, checkpoint_path)
         t0 = time.perf_counter()
         last_step = _run_steps(
