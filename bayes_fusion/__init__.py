@@ -25,6 +25,7 @@ from .prune import PruneResult, prune
 from .rank import RankPosterior, effective_rank_draws, rank_posterior
 from .summary import (
     compare,
+    from_pyro,
     loo,
     plot_elbo,
     plot_rank_posterior,
@@ -61,6 +62,7 @@ __all__ = [
     "fit",
     "fit_nuts",
     "fit_svi",
+    "from_pyro",
     "load",
     "loo",
     "make_guide",

@@ -15,12 +15,17 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from . import arviz_compat
+from .infer.data import seeded
 from .layers.base import rank_layers
 from .rank import RankPosterior, rank_posterior
 
 __all__ = [
+    "from_pyro",
+    "observed_sites",
+    "pointwise_log_likelihoods",
     "to_inference_data",
     "loo",
     "compare",
@@ -46,9 +51,28 @@ def _chains(result, num_samples: int) -> dict[str, torch.Tensor]:
 
 
 def pointwise_log_likelihood(
-    result, samples: dict[str, torch.Tensor], *args, chunk_size: int = 100
+    result, samples: dict[str, torch.Tensor], *args, chunk_size: int = 100, site: str = "obs"
 ) -> torch.Tensor:
-    """``log p(y_n | theta_s)`` for every draw and data row, shape ``(S, N)``.
+    """``log p(y_n | theta_s)`` of the observed site ``site`` for every draw and data row,
+    shape ``(S, N)``.
+
+    :param samples: flat draws, site -> ``(S, ...)``.
+    :param args: model arguments including the targets (default: the fit's own data).
+    :param site: the observed site (the library's models: ``"obs"``).
+    """
+    out = pointwise_log_likelihoods(result, samples, *args, chunk_size=chunk_size)
+    if site not in out:
+        raise ValueError(
+            f"site: expected an observed site of the model ({sorted(out)}), got {site!r}"
+        )
+    return out[site]
+
+
+def pointwise_log_likelihoods(
+    result, samples: dict[str, torch.Tensor], *args, chunk_size: int = 100
+) -> dict[str, torch.Tensor]:
+    """``log p(y_n | theta_s)`` of every observed site of the model, per draw and per entry of
+    its batch shape (the rows of its data plate), site -> ``(S, N_site)``.
 
     :param samples: flat draws, site -> ``(S, ...)``.
     :param args: model arguments including the targets (default: the fit's own data).
@@ -56,7 +80,7 @@ def pointwise_log_likelihood(
     args = args or result.args
     total = next(iter(samples.values())).shape[0]
     nesting = result._nesting
-    out = []
+    out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, total, chunk_size):
         chunk = {k: v[start : start + chunk_size] for k, v in samples.items()}
         n = next(iter(chunk.values())).shape[0]
@@ -64,12 +88,14 @@ def pointwise_log_likelihood(
         with torch.no_grad(), poutine.block(), result.param_scope():
             with pyro.plate("_bf_draws", n, dim=-nesting - 1):
                 tr = poutine.trace(poutine.condition(result.model, shaped)).get_trace(*args)
-        site = tr.nodes.get("obs")
-        if site is None or not site["is_observed"]:
-            raise ValueError("result: the model has no observed site 'obs' to score")
-        lp = site["fn"].log_prob(site["value"])
-        out.append(lp.reshape(n, -1))
-    return torch.cat(out)
+        for name, node in tr.nodes.items():
+            observed = node["type"] == "sample" and node["is_observed"] and name not in shaped
+            if observed and not site_is_subsample(node):  # not a conditioned latent site
+                lp = node["fn"].log_prob(node["value"])
+                out.setdefault(name, []).append(lp.expand((n,) + lp.shape[1:]).reshape(n, -1))
+    if not out:
+        raise ValueError("result: the model has no observed site to score")
+    return {name: torch.cat(parts) for name, parts in out.items()}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -82,6 +108,7 @@ def to_inference_data(
     posterior_predictive: bool = True,
     log_likelihood: bool = True,
     threshold: float = 0.05,
+    seed: int | None = 0,
 ):
     """Convert a fit to ArviZ (``InferenceData`` on ArviZ 0.x, ``DataTree`` on 1.x).
 
@@ -89,9 +116,10 @@ def to_inference_data(
     and ``{layer}.rank_scale_sorted`` -- sorted per draw, so aligned across draws and chains and
     meaningful for r-hat/ESS -- and ``{layer}.effective_rank``), ``posterior_predictive``
     (``obs``), ``log_likelihood`` (pointwise ``obs``, for ``az.loo``/``az.waic``/``az.compare``),
-    ``observed_data`` and, for MCMC, ``sample_stats`` (``diverging``, ``energy``, ``step_size``,
-    ``n_steps``, ``lp``, ``acceptance_rate``: ``az.plot_energy``, ``az.bfmi`` and ``az.summary``
-    work on it). SVI results are one
+    ``observed_data`` (every observed site of any model; ``log_likelihood`` holds each one's
+    pointwise densities, per row of its data plate) and, for MCMC, ``sample_stats``
+    (``diverging``, ``energy``, ``step_size``, ``n_steps``, ``lp``, ``acceptance_rate``:
+    ``az.plot_energy``, ``az.bfmi`` and ``az.summary`` work on it). SVI results are one
     pseudo-chain and carry ``attrs["inference"] = "variational"`` with a warning note.
 
     :param result: a :class:`bayes_fusion.FitResult`.
@@ -99,7 +127,17 @@ def to_inference_data(
     :param posterior_predictive: add the ``posterior_predictive`` group.
     :param log_likelihood: add the pointwise ``log_likelihood`` group.
     :param threshold: relevance threshold of the effective rank.
+    :param seed: seed of the conversion's own draws (guide draws, posterior predictive): the
+        same seed gives the same data, so ``bf.loo(result)`` and
+        ``az.loo(bf.to_inference_data(result))`` agree; the global RNG streams are left as they
+        were. ``None``: the global streams.
     """
+    with seeded(seed):
+        return _inference_data(result, num_samples, posterior_predictive, log_likelihood, threshold)
+
+
+def _inference_data(result, num_samples, posterior_predictive, log_likelihood, threshold):
+    """:func:`to_inference_data` inside its seeded streams."""
     draws = _chains(result, num_samples)
     chains, ndraw = next(iter(draws.values())).shape[:2]
     flat = {k: v.reshape((chains * ndraw,) + v.shape[2:]) for k, v in draws.items()}
@@ -133,17 +171,22 @@ def to_inference_data(
         dims[scales] = [rank_dim]
         posterior[layer.site_name("effective_rank")] = _np(rp.rank_draws.reshape(chains, ndraw))
     groups: dict[str, Any] = {"posterior": posterior}
+    observed = observed_sites(result)
+    if observed:
+        groups["observed_data"] = {name: _np(v) for name, v in observed.items()}
+        for name, value in observed.items():
+            dims[name] = [f"{name}_row"] + [f"{name}_dim_{i}" for i in range(1, value.dim())]
     y = _observed(result)
-    if y is not None:
-        groups["observed_data"] = {"obs": _np(y)}
-        dims["obs"] = ["obs_row"] + ([f"obs_dim_{i}" for i in range(1, y.dim())])
-        if posterior_predictive:
-            obs = _predictive_obs(result, flat, result.args[:-1], tuple(y.shape))
-            groups["posterior_predictive"] = {"obs": _np(obs.reshape((chains, ndraw) + y.shape))}
-        if log_likelihood:
-            ll = pointwise_log_likelihood(result, flat)
-            groups["log_likelihood"] = {"obs": _np(ll.reshape(chains, ndraw, -1))}
-            dims.setdefault("obs", ["obs_row"])
+    if y is not None and posterior_predictive:  # a Regressor / Classifier: new targets
+        obs = _predictive_obs(result, flat, result.args[:-1], tuple(y.shape))
+        groups["posterior_predictive"] = {"obs": _np(obs.reshape((chains, ndraw) + y.shape))}
+    if observed and log_likelihood:
+        pointwise = pointwise_log_likelihoods(result, flat)
+        groups["log_likelihood"] = {
+            name: _np(ll.reshape(chains, ndraw, -1)) for name, ll in pointwise.items()
+        }
+        for name in pointwise:
+            dims.setdefault(name, [f"{name}_row"])
     if result.is_mcmc:
         groups["sample_stats"] = _sample_stats(result, chains, ndraw)
     attrs = {
@@ -172,7 +215,7 @@ def _sample_stats(result, chains: int, ndraw: int) -> dict[str, np.ndarray]:
     return stats
 
 
-def _arviz_data(obj, num_samples: int):
+def _arviz_data(obj, num_samples: int, seed: int | None = 0):
     """ArviZ data with a log-likelihood group: ``obj`` itself, or the conversion of a fit."""
     if hasattr(obj, "posterior"):
         if not hasattr(obj, "log_likelihood"):
@@ -183,16 +226,21 @@ def _arviz_data(obj, num_samples: int):
             f"expected a FitResult or ArviZ data (InferenceData / DataTree), got "
             f"{type(obj).__name__}"
         )
-    return to_inference_data(obj, num_samples=num_samples, posterior_predictive=False)
+    return to_inference_data(obj, num_samples=num_samples, posterior_predictive=False, seed=seed)
 
 
-def loo(result_or_data, num_samples: int = 500) -> arviz_compat.Elpd:
+def loo(
+    result_or_data, num_samples: int = 500, var_name: str | None = None, seed: int | None = 0
+) -> arviz_compat.Elpd:
     """PSIS leave-one-out cross-validation of a fit, the same on ArviZ 0.x and 1.x.
 
     :param result_or_data: a :class:`bayes_fusion.FitResult` of a ``Regressor`` /
         ``Classifier`` (converted with :func:`to_inference_data`), or ArviZ data with a
         pointwise ``log_likelihood`` group.
     :param num_samples: guide draws when a variational fit is given.
+    :param var_name: the observed site to score (``None``: the only one, or ``"obs"``).
+    :param seed: seed of the conversion (:func:`to_inference_data`'s): with the same seed
+        ``az.loo(bf.to_inference_data(result))`` gives the same numbers.
     :returns: :class:`bayes_fusion.arviz_compat.Elpd`: ``elpd``, ``se``, ``p``, ``pareto_k``
         (shape ``(N,)``) and the ``native`` ArviZ object.
 
@@ -207,7 +255,37 @@ def loo(result_or_data, num_samples: int = 500) -> arviz_compat.Elpd:
         >>> estimate.pareto_k.shape
         (60,)
     """
-    return arviz_compat.loo(_arviz_data(result_or_data, num_samples), var_name="obs")
+    data = _arviz_data(result_or_data, num_samples, seed)
+    return arviz_compat.loo(data, var_name=var_name or _only_observed(data))
+
+
+def _only_observed(data) -> str:
+    """The log-likelihood variable to score: the only one, else ``obs``."""
+    names = list(data.log_likelihood.data_vars)
+    if len(names) == 1 or "obs" in names:
+        return names[0] if len(names) == 1 else "obs"
+    raise ValueError(f"var_name: the model has several observed sites {names}; name one")
+
+
+def from_pyro(fitted, model, *args, num_samples: int = 500, seed: int | None = 0):
+    """ArviZ data (``InferenceData`` on ArviZ 0.x, ``DataTree`` on 1.x) of a fit made with
+    plain Pyro -- a ``pyro.infer.MCMC`` run or a trained guide -- with the rank layers'
+    label-switching-invariant quantities (sorted scales and relevances, effective rank),
+    ``observed_data`` and pointwise ``log_likelihood`` of every observed site, as
+    :func:`to_inference_data` gives for the library's own fits. For the library's diagnostics
+    (``diagnostics()``, ``rank_posterior``), wrap the fit with
+    :meth:`bayes_fusion.FitResult.from_pyro`.
+
+    :param fitted: a ``pyro.infer.MCMC`` that has run, or a guide whose parameters are in Pyro's
+        parameter store.
+    :param model: the model. :param args: the model arguments of the fit.
+    :param num_samples: guide draws (a guide).
+    :param seed: as :func:`to_inference_data`.
+    """
+    from .infer.result import FitResult
+
+    result = FitResult.from_pyro(fitted, model, *args)
+    return to_inference_data(result, num_samples=num_samples, seed=seed)
 
 
 def compare(results: dict[str, Any], num_samples: int = 500):
@@ -239,6 +317,22 @@ def _observed(result) -> torch.Tensor | None:
                 y = y.unsqueeze(-1)
             return y
     return None
+
+
+def observed_sites(result) -> dict[str, torch.Tensor]:
+    """The observed data of a fit, observed site -> value: the targets of a ``Regressor`` /
+    ``Classifier`` (``obs``), the observed sites of any other model (one trace at the fit's
+    arguments)."""
+    y = _observed(result)
+    if y is not None:
+        return {"obs": y}
+    with torch.random.fork_rng(), torch.no_grad(), poutine.block(), result.param_scope():
+        trace = poutine.trace(result.model).get_trace(*result.args)
+    return {
+        name: node["value"].detach()
+        for name, node in trace.nodes.items()
+        if node["type"] == "sample" and node["is_observed"] and not site_is_subsample(node)
+    }
 
 
 def _predictive_obs(result, flat, inputs, y_shape) -> torch.Tensor:

@@ -63,6 +63,36 @@ class FitResult:
         )
         self._latent_shapes, self._nesting = model_latent_shapes(model, *args)
 
+    @classmethod
+    def from_pyro(cls, fitted, model, *args) -> FitResult:
+        """Wrap a fit made with plain Pyro -- a ``pyro.infer.MCMC`` run or a trained guide (its
+        parameters in Pyro's global parameter store) -- so that the library's summaries work on
+        it: ``to_inference_data`` (with the rank layers' label-switching-invariant quantities),
+        ``rank_posterior``, ``diagnostics()``, ``predict``.
+
+        :param fitted: a ``pyro.infer.MCMC`` that has run, or a guide (e.g. an autoguide).
+        :param model: the model it was fit to.
+        :param args: the model arguments it was fit on, e.g. ``(inputs, y)``.
+        :raises TypeError: ``fitted`` is neither.
+        """
+        if isinstance(fitted, pyro.infer.MCMC):
+            samples = fitted.get_samples(group_by_chain=True)
+            info = {"num_chains": next(iter(samples.values())).shape[0]}
+            try:
+                divergences = fitted.diagnostics().get("divergences", {})
+            except (RuntimeError, ValueError):  # too few draws to diagnose
+                divergences = {}
+            if divergences:
+                info["divergence_indices"] = [list(map(int, v)) for v in divergences.values()]
+                info["divergences"] = [len(v) for v in info["divergence_indices"]]
+            return cls(model, None, "nuts", args, mcmc_samples=samples, info=info)
+        if callable(fitted):
+            state = pyro.get_param_store().get_state()
+            return cls(model, fitted, "custom", args, param_state=state)
+        raise TypeError(
+            f"fitted: expected a pyro.infer.MCMC run or a guide, got {type(fitted).__name__}"
+        )
+
     @property
     def is_mcmc(self) -> bool:
         return self.mcmc_samples is not None
