@@ -217,3 +217,11 @@ def test_fit_refuses_to_minibatch_a_model_that_subsamples_itself():
     xs, y = _data("cp")
     with pytest.raises(ValueError, match="batch_size: the model subsamples its rows itself"):
         bf.fit(Inside(_layer("cp")), xs, y, batch_size=20, num_steps=2, progress=False)
+
+
+def test_the_bias_prior_depends_on_no_other_site():
+    """pyro.render_model / get_dependencies draw no edge from the scales to the bias."""
+    xs, y = _data("cp")
+    deps = pyro.infer.inspect.get_dependencies(PoissonFusion(), (xs, y))["prior_dependencies"]
+    assert set(deps["mixer.bias"]) == {"mixer.bias"}
+    assert "mixer.rank_scale" in deps["mixer.factor_0"]  # the factors' prior does use them

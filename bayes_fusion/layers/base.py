@@ -187,9 +187,11 @@ class RankLayer(PyroModule):
         std = std.expand(std.shape[:-2] + (rows, std.shape[-1]))
         return dist.Normal(torch.zeros_like(std), std).to_event(2)
 
-    def _bias_prior(self, size: int, like: Tensor) -> dist.TorchDistribution:
-        loc = like.new_zeros(size)
-        return dist.Normal(loc, self.bias_scale.to(like.dtype).expand(size)).to_event(1)
+    def _bias_prior(self, size: int, dtype: torch.dtype) -> dist.TorchDistribution:
+        """``Normal(0, bias_scale)`` over ``size`` entries, built from the layer's buffers only
+        (not from another site's value: the bias does not depend on the scales)."""
+        loc = self._buffer_like().new_zeros(size, dtype=dtype)
+        return dist.Normal(loc, self.bias_scale.to(dtype).expand(size)).to_event(1)
 
     # --- init ---------------------------------------------------------------------------
     def init_values(self) -> dict[str, Tensor]:  # pragma: no cover - abstract

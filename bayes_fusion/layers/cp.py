@@ -228,7 +228,7 @@ class CPFusion(RankLayer):
             yield f"factor_{m}", self._scaled_prior(scales, rows)
         yield "out_factor", self._scaled_prior(scales, self.out_features)
         if self.use_bias:
-            yield "bias", self._bias_prior(self.out_features, scales)
+            yield "bias", self._bias_prior(self.out_features, scales.dtype)
         if self.main_effects:
             shape = (self.out_features, sum(self.in_features))
             std = self.main_effects_scale.to(scales.dtype).expand(shape)

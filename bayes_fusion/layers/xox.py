@@ -169,7 +169,7 @@ class XOXLinear(RankLayer):
         yield "core", dist.Normal(torch.zeros_like(core_std), core_std).to_event(2)
         yield "x_out", self._scaled_prior(scales, self.out_features)
         if self.use_bias:
-            yield "bias", self._bias_prior(self.out_features, scales)
+            yield "bias", self._bias_prior(self.out_features, scales.dtype)
 
     def apply(self, values: dict[str, Tensor], x: Tensor) -> Tensor:
         """The layer on a checked ``x`` ``(..., B, in)`` with given weights (short name ->
