@@ -225,3 +225,42 @@ def test_the_bias_prior_depends_on_no_other_site():
     deps = pyro.infer.inspect.get_dependencies(PoissonFusion(), (xs, y))["prior_dependencies"]
     assert set(deps["mixer.bias"]) == {"mixer.bias"}
     assert "mixer.rank_scale" in deps["mixer.factor_0"]  # the factors' prior does use them
+
+
+class UserLikelihood(PyroModule):
+    """A user model around an XOX layer named ``encoder``, with a likelihood of the user's."""
+
+    def __init__(self, likelihood: str):
+        super().__init__()
+        self.encoder = bf.XOXLinear(5, 1, genes=2)
+        self.likelihood = likelihood
+
+    def forward(self, x, y=None):
+        eta = self.encoder(x).squeeze(-1)
+        with pyro.plate("rows", eta.shape[-1]):
+            if self.likelihood == "poisson":
+                return pyro.sample("obs", dist.Poisson(eta.exp()), obs=y)
+            if self.likelihood == "studentt":
+                return pyro.sample("obs", dist.StudentT(4.0, eta, 0.5), obs=y)
+            return pyro.sample("obs", dist.Bernoulli(logits=eta), obs=y)
+
+
+@pytest.mark.parametrize("guide", ["map", "meanfield", "lowrank"])
+@pytest.mark.parametrize("likelihood", ["poisson", "studentt", "bernoulli"])
+def test_every_guide_on_user_models_with_their_own_likelihood(likelihood, guide):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(N, 5, generator=gen)
+    signal = x[:, 0] - 0.5 * x[:, 1]
+    y = {
+        "poisson": torch.poisson(signal.exp(), generator=gen),
+        "studentt": signal + 0.5 * torch.randn(N, generator=gen),
+        "bernoulli": torch.bernoulli(torch.sigmoid(2 * signal), generator=gen),
+    }[likelihood]
+    truth = {"poisson": signal.exp(), "studentt": signal, "bernoulli": torch.sigmoid(2 * signal)}
+    res = bf.fit(UserLikelihood(likelihood), x, y, guide=guide, num_steps=300, progress=False)
+    pred = res.predictive(x, num_samples=50, seed=0)["obs"]
+    assert pred.shape == (50, N)
+    # the posterior predictive mean follows the generating mean (a known answer)
+    corr = torch.corrcoef(torch.stack([pred.float().mean(0), truth[likelihood]]))[0, 1]
+    assert float(corr) > 0.6, float(corr)
+    assert set(bf.rank_posterior(res)) == {"encoder"}
