@@ -80,11 +80,22 @@ def pointwise_log_likelihoods(
     args = args or result.args
     total = next(iter(samples.values())).shape[0]
     nesting = result._nesting
+    # a site's draws go left of its own plate dims: (n, 1 ..., plate dims, event dims)
+    with torch.random.fork_rng(), torch.no_grad(), poutine.block(), result.param_scope():
+        proto = poutine.trace(result.model).get_trace(*args)
+    plates = {
+        name: node["value"].dim() - node["fn"].event_dim
+        for name, node in proto.nodes.items()
+        if node["type"] == "sample" and not site_is_subsample(node)
+    }
     out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, total, chunk_size):
         chunk = {k: v[start : start + chunk_size] for k, v in samples.items()}
         n = next(iter(chunk.values())).shape[0]
-        shaped = {k: v.reshape((n,) + (1,) * nesting + v.shape[1:]) for k, v in chunk.items()}
+        shaped = {
+            k: v.reshape((n,) + (1,) * (nesting - plates.get(k, 0)) + v.shape[1:])
+            for k, v in chunk.items()
+        }
         with torch.no_grad(), poutine.block(), result.param_scope():
             with pyro.plate("_bf_draws", n, dim=-nesting - 1):
                 tr = poutine.trace(poutine.condition(result.model, shaped)).get_trace(*args)

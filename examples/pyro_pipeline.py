@@ -96,12 +96,15 @@ def main(argv=None):
     # sorted, label-switching-invariant rank summaries of the embedded layer
     import arviz as az
 
-    result = bf.FitResult(model, guide, "custom", (data.inputs, group, y))
-    idata = bf.to_inference_data(
-        result, num_samples=200, posterior_predictive=False, log_likelihood=False
-    )
+    # (FitResult.from_pyro snapshots Pyro's parameter store, where plain SVI left the guide's
+    # parameters; a pyro.infer.MCMC run converts the same way)
+    result = bf.FitResult.from_pyro(guide, model, data.inputs, group, y)
+    idata = bf.to_inference_data(result, num_samples=200, posterior_predictive=False)
     names = ["intercept", "fusion.rank_scale_sorted", "fusion.effective_rank"]
     print(az.summary(idata, var_names=names, kind="stats").to_string())
+    # the user model's observed site has its pointwise log-likelihood: PSIS-LOO works on it
+    elpd = bf.loo(idata)
+    print(f"PSIS-LOO elpd {elpd.elpd:.1f} (se {elpd.se:.1f})")
     rp = bf.rank_posterior(result, num_samples=200)["fusion"]
     print("fusion layer rank posterior:\n" + rp.table())
     bf.plot_rank_posterior({"fusion": rp}, out / "rank_posterior.png")

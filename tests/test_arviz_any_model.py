@@ -82,3 +82,30 @@ def test_a_model_with_two_observed_sites_names_the_one_loo_scores():
     with pytest.raises(ValueError, match=r"var_name: the model has several observed sites"):
         bf.loo(res, num_samples=40)
     assert np.isfinite(bf.loo(res, num_samples=40, var_name="a").elpd)
+
+
+def test_pointwise_log_likelihood_of_a_model_with_plated_latent_sites():
+    """Draws of a latent site inside a plate (per-group intercepts) are placed left of its plate
+    dim: the vectorized pointwise log-likelihood equals the one computed draw by draw."""
+    from pyro import poutine
+
+    from bayes_fusion.summary import pointwise_log_likelihoods
+
+    def grouped(x, group, y=None):
+        with pyro.plate("groups", 3):
+            b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        s = pyro.sample("s", dist.HalfNormal(1.0))
+        with pyro.plate("rows", x.shape[0]):
+            pyro.sample("obs", dist.Normal(x + b[..., group], s), obs=y)
+
+    gen = torch.Generator().manual_seed(0)
+    x, group = torch.randn(12, generator=gen), torch.arange(12) % 3
+    y = x + torch.tensor([0.5, -0.5, 0.0])[group]
+    res = bf.fit(grouped, x, group, y, num_steps=20, progress=False)
+    draws = res.get_samples(4, seed=0)
+    got = pointwise_log_likelihoods(res, draws)["obs"]
+    for i in range(4):
+        point = {k: v[i] for k, v in draws.items()}
+        trace = poutine.trace(poutine.condition(grouped, point)).get_trace(x, group, y)
+        node = trace.nodes["obs"]
+        torch.testing.assert_close(got[i], node["fn"].log_prob(node["value"]))

@@ -1,5 +1,6 @@
 """Every example runs with --smoke and prints sane results."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ def test_quickstart_full_beats_chance(tmp_path):
 def test_pyro_pipeline_smoke(tmp_path):
     out = run_example("pyro_pipeline.py", tmp_path)
     assert "intercepts: true" in out and "fusion layer rank posterior" in out
+    assert math.isfinite(float(out.split("PSIS-LOO elpd ")[1].split()[0]))
     est = out.split("posterior mean [")[1].split("]")[0]
     values = [float(v) for v in est.split(",")]
     assert values == sorted(values)  # the group ordering of the true intercepts is recovered
