@@ -2,7 +2,10 @@
 
 The model has its own latent variables (a hierarchical per-group intercept) around the fusion
 layer; it is fit with Pyro's SVI loop and a bayes_fusion guide preset, then ``Predictive`` and
-ArviZ take over::
+ArviZ take over (``FitResult.from_pyro``, PSIS-LOO of the user model). Then the same model with
+the layer called inside a subsampled data plate (the common Pyro minibatch idiom), fit with
+plain SVI too; and the original model fit by ``bf.fit`` in minibatches (the fit slices the rows
+and scales the likelihood) and by NUTS::
 
     python examples/pyro_pipeline.py --out pipeline_out
 """
@@ -38,6 +41,30 @@ class GroupedFusion(pyro.nn.PyroModule):
         with pyro.plate("data", group.shape[0]):
             pyro.sample("obs", dist.Normal(pred, sigma.unsqueeze(-1)).to_event(1), obs=y)
         return pred
+
+
+class SubsampledFusion(GroupedFusion):
+    """The same model, the layer called inside a subsampled data plate: its weights are still
+    sampled once (global sites), and the likelihood alone is scaled by N / batch."""
+
+    def __init__(self, *args, batch=100):
+        super().__init__(*args)
+        self.batch = batch
+
+    def forward(self, inputs, group, y=None):
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("groups", self.num_groups):
+            intercept = pyro.sample("intercept", dist.Normal(0.0, tau))
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        with pyro.plate("data", group.shape[0], subsample_size=self.batch) as idx:
+            pred = self.fusion([x[idx] for x in inputs]) + intercept[..., group[idx]].unsqueeze(-1)
+            obs = None if y is None else y[idx]
+            pyro.sample("obs", dist.Normal(pred, sigma.unsqueeze(-1)).to_event(1), obs=obs)
+        return pred
+
+
+def _rounded(values):
+    return [round(v, 2) for v in values.tolist()]
 
 
 def main(argv=None):
@@ -109,6 +136,39 @@ def main(argv=None):
     print("fusion layer rank posterior:\n" + rp.table())
     bf.plot_rank_posterior({"fusion": rp}, out / "rank_posterior.png")
     print(f"plot written to {out.resolve() / 'rank_posterior.png'}")
+
+    # the layer inside a subsampled data plate, plain SVI again
+    pyro.clear_param_store()
+    inside = SubsampledFusion((4, 5), 2, 4, 6)
+    guide = bf.make_guide("meanfield", inside)
+    svi = SVI(
+        inside, guide, pyro.optim.ClippedAdam({"lr": 0.03, "lrd": 0.1 ** (1 / steps)}), Trace_ELBO()
+    )
+    for _ in range(steps):
+        svi.step(data.inputs, group, y)
+    print("inside-plate fit: intercepts", _rounded(guide.median()["intercept"]))
+
+    # bf.fit in minibatches of 100 rows (no num_data in the model: the fit scales its
+    # likelihood) and NUTS, on the original model
+    batched = bf.fit(model, data.inputs, group, y, batch_size=100, num_steps=steps, progress=False)
+    print("bf.fit minibatches: intercepts", _rounded(batched.get_samples(200)["intercept"].mean(0)))
+    draws = 20 if args.smoke else 300
+    nuts = bf.fit(
+        model,
+        data.inputs,
+        group,
+        y,
+        guide="nuts",
+        num_samples=draws,
+        warmup_steps=draws,
+        init_steps=100 if args.smoke else 1000,
+        max_tree_depth=4 if args.smoke else 8,
+        progress=False,
+    )
+    print(
+        f"NUTS ({nuts.info['seconds']:.0f} s): intercepts",
+        _rounded(nuts.get_samples()["intercept"].mean(0)),
+    )
     return {"intercepts": est, "rank_mode": rp.mode}
 
 

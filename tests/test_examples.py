@@ -48,6 +48,11 @@ def test_pyro_pipeline_smoke(tmp_path):
     out = run_example("pyro_pipeline.py", tmp_path)
     assert "intercepts: true" in out and "fusion layer rank posterior" in out
     assert math.isfinite(float(out.split("PSIS-LOO elpd ")[1].split()[0]))
+    # the inside-plate, minibatched and NUTS fits recover the group ordering too
+    for label in ("inside-plate fit: intercepts", "bf.fit minibatches: intercepts", "intercepts"):
+        line = [ln for ln in out.splitlines() if label in ln][-1]
+        values = [float(v) for v in line.split("[")[-1].split("]")[0].split(",")]
+        assert values == sorted(values), line
     est = out.split("posterior mean [")[1].split("]")[0]
     values = [float(v) for v in est.split(",")]
     assert values == sorted(values)  # the group ordering of the true intercepts is recovered

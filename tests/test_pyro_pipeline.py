@@ -264,3 +264,12 @@ def test_every_guide_on_user_models_with_their_own_likelihood(likelihood, guide)
     corr = torch.corrcoef(torch.stack([pred.float().mean(0), truth[likelihood]]))[0, 1]
     assert float(corr) > 0.6, float(corr)
     assert set(bf.rank_posterior(res)) == {"encoder"}
+
+
+def test_nuts_refuses_a_discrete_latent_site_before_any_fit():
+    def mixture(y=None):
+        z = pyro.sample("z", dist.Bernoulli(0.5))
+        pyro.sample("obs", dist.Normal(3.0 * z, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"model: NUTS samples continuous latent sites only; "):
+        bf.fit(mixture, torch.tensor(2.0), guide="nuts", progress=False)

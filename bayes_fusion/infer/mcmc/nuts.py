@@ -11,6 +11,8 @@ import time
 import warnings
 
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from ..._checks import check_choice, check_positive_int
 from ...layers.base import rank_layers
@@ -136,6 +138,7 @@ def fit_nuts(
         )
         jit = jit_compile
     check_args_finite(args)
+    _check_continuous_latents(model, args)
     options = _checked_options(
         model,
         args,
@@ -155,6 +158,25 @@ def fit_nuts(
     )
     with seeded(seed):
         return _run(model, args, options)
+
+
+def _check_continuous_latents(model, args: tuple) -> None:
+    """NUTS moves continuous coordinates only: refuse a model with a discrete latent site before
+    any fit or draw (naming the site), rather than failing after the MAP start.
+
+    :raises ValueError: a latent site with a discrete distribution.
+    """
+    with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+        trace = poutine.trace(model).get_trace(*args)
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        if site["fn"].support.is_discrete:
+            raise ValueError(
+                f"model: NUTS samples continuous latent sites only; site {name!r} is discrete "
+                f"({type(site['fn']).__name__}): marginalize it out in the model (e.g. "
+                "pyro.infer.config_enumerate) or fit by SVI"
+            )
 
 
 def _checked_options(model, args: tuple, **given) -> NUTSOptions:
