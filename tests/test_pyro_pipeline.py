@@ -245,7 +245,7 @@ class UserLikelihood(PyroModule):
             return pyro.sample("obs", dist.Bernoulli(logits=eta), obs=y)
 
 
-@pytest.mark.parametrize("guide", ["map", "meanfield", "lowrank"])
+@pytest.mark.parametrize("guide", ["map", "meanfield", "lowrank", "nuts"])
 @pytest.mark.parametrize("likelihood", ["poisson", "studentt", "bernoulli"])
 def test_every_guide_on_user_models_with_their_own_likelihood(likelihood, guide):
     gen = torch.Generator().manual_seed(2)
@@ -257,9 +257,15 @@ def test_every_guide_on_user_models_with_their_own_likelihood(likelihood, guide)
         "bernoulli": torch.bernoulli(torch.sigmoid(2 * signal), generator=gen),
     }[likelihood]
     truth = {"poisson": signal.exp(), "studentt": signal, "bernoulli": torch.sigmoid(2 * signal)}
-    res = bf.fit(UserLikelihood(likelihood), x, y, guide=guide, num_steps=300, progress=False)
-    pred = res.predictive(x, num_samples=50, seed=0)["obs"]
-    assert pred.shape == (50, N)
+    options = (
+        {"num_samples": 15, "warmup_steps": 15, "init_steps": 150, "max_tree_depth": 3}
+        if guide == "nuts"
+        else {"num_steps": 300}
+    )
+    res = bf.fit(UserLikelihood(likelihood), x, y, guide=guide, progress=False, **options)
+    draws = 15 if guide == "nuts" else 50
+    pred = res.predictive(x, num_samples=draws, seed=0)["obs"]
+    assert pred.shape == (draws, N)
     # the posterior predictive mean follows the generating mean (a known answer)
     corr = torch.corrcoef(torch.stack([pred.float().mean(0), truth[likelihood]]))[0, 1]
     assert float(corr) > 0.6, float(corr)
