@@ -18,7 +18,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from . import arviz_compat
-from .infer.data import seeded
+from .infer.data import inspection_trace, seeded
 from .layers.base import rank_layers
 from .rank import RankPosterior, rank_posterior
 
@@ -81,8 +81,8 @@ def pointwise_log_likelihoods(
     total = next(iter(samples.values())).shape[0]
     nesting = result._nesting
     # a site's draws go left of its own plate dims: (n, 1 ..., plate dims, event dims)
-    with torch.random.fork_rng(), torch.no_grad(), poutine.block(), result.param_scope():
-        proto = poutine.trace(result.model).get_trace(*args)
+    with result.param_scope():
+        proto = inspection_trace(result.model, *args)
     plates = {
         name: node["value"].dim() - node["fn"].event_dim
         for name, node in proto.nodes.items()
@@ -337,8 +337,8 @@ def observed_sites(result) -> dict[str, torch.Tensor]:
     y = _observed(result)
     if y is not None:
         return {"obs": y}
-    with torch.random.fork_rng(), torch.no_grad(), poutine.block(), result.param_scope():
-        trace = poutine.trace(result.model).get_trace(*result.args)
+    with result.param_scope():
+        trace = inspection_trace(result.model, *result.args)
     return {
         name: node["value"].detach()
         for name, node in trace.nodes.items()

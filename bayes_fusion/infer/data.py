@@ -19,6 +19,7 @@ from .._checks import check_positive_int
 __all__ = [
     "seeded",
     "torch_rng_kept",
+    "inspection_trace",
     "intra_op_threads",
     "check_args_finite",
     "model_latent_shapes",
@@ -123,12 +124,17 @@ def check_args_finite(obj, name: str = "args") -> None:
             check_args_finite(item, f"{name}[{i}]")
 
 
+def inspection_trace(model, *args, **kwargs):
+    """One trace of ``model(*args, **kwargs)`` to inspect it (its sites, shapes, plates): no
+    gradients, hidden from enclosing handlers, and on a fork of torch's RNG, so that inspecting a
+    model (e.g. when writing a checkpoint) never changes the course of a fit."""
+    with torch.random.fork_rng(), poutine.block(), torch.no_grad():
+        return poutine.trace(model).get_trace(*args, **kwargs)
+
+
 def model_latent_shapes(model, *args, **kwargs) -> tuple[dict[str, torch.Size], int]:
     """Latent site name -> value shape (unbatched) and the model's max plate nesting."""
-    # a prior trace consumes random numbers: fork the RNG so that inspecting a model (e.g. when
-    # writing a checkpoint) never changes the course of training
-    with torch.random.fork_rng(), poutine.block(), torch.no_grad():
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    tr = inspection_trace(model, *args, **kwargs)
     shapes, nesting = {}, 0
     for name, site in tr.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):

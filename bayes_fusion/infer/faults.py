@@ -12,11 +12,17 @@ from pyro import poutine
 from ..layers.base import rank_layers
 from ..rank import effective_rank_draws
 
-__all__ = ["NonFiniteLossError", "non_finite_error", "warn_on_collapse"]
+__all__ = ["NonFiniteLossError", "non_finite_error", "refused_non_finite", "warn_on_collapse"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the ELBO (or a gradient) becomes NaN/inf; training stops at once."""
+
+
+def refused_non_finite(exc: ValueError) -> bool:
+    """Whether ``exc`` is Pyro's validation refusing NaN/inf distribution parameters (how a
+    non-finite loss shows up with validation on, before any loss is computed)."""
+    return "invalid values" in str(exc)
 
 
 def _find_bad_sites(model, guide, args) -> list[str]:

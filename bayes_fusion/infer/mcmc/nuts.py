@@ -11,12 +11,11 @@ import time
 import warnings
 
 import torch
-from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ..._checks import check_choice, check_positive_int
 from ...layers.base import rank_layers
-from ..data import check_args_finite, seeded
+from ..data import check_args_finite, inspection_trace, seeded
 from ..result import FitResult
 from .chains import defined_in_main, kernel_settings, run_chains
 from .output_marginal import NonConjugateError, OutputMarginal, supports_output_marginal
@@ -166,8 +165,7 @@ def _check_continuous_latents(model, args: tuple) -> None:
 
     :raises ValueError: a latent site with a discrete distribution.
     """
-    with torch.random.fork_rng(), torch.no_grad(), poutine.block():
-        trace = poutine.trace(model).get_trace(*args)
+    trace = inspection_trace(model, *args)
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue

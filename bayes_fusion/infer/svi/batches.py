@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ..._checks import check_positive_int
-from ..data import slice_rows
+from ..data import inspection_trace, slice_rows
 from . import distributed as bfdist
 
 __all__ = [
@@ -76,8 +75,7 @@ def check_no_own_subsampling(model, args: tuple) -> None:
     :param args: the model's full arguments.
     :raises ValueError: naming the model's subsampled plate.
     """
-    with torch.random.fork_rng(), poutine.block(), torch.no_grad():
-        trace = poutine.trace(model).get_trace(*args)
+    trace = inspection_trace(model, *args)
     for site in trace.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site):
             continue

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 
-import torch
-from pyro import poutine
 from pyro.infer import autoguide
 from pyro.infer.autoguide import init_to_median, init_to_value
 from pyro.poutine.util import site_is_subsample
 
 from ..._checks import check_choice
 from ...layers.base import layer_init_values
+from ..data import inspection_trace
 
 __all__ = ["GUIDES", "FULL_COVARIANCE_MAX_DIM", "make_guide", "latent_dim"]
 
@@ -46,8 +45,7 @@ _CLASSES = {
 
 def latent_dim(model, *args, **kwargs) -> int:
     """Number of unconstrained latent dimensions of ``model`` (one prior trace)."""
-    with torch.random.fork_rng(), poutine.block(), torch.no_grad():
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    tr = inspection_trace(model, *args, **kwargs)
     return sum(
         site["value"].numel()
         for site in tr.nodes.values()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..compiled import CompiledFunction
 from ..data import torch_rng_kept
-from ..faults import non_finite_error
+from ..faults import non_finite_error, refused_non_finite
 from .elbo import DirectELBO
 from .optim import FusedClippedAdam
 
@@ -61,7 +61,7 @@ def svi_step(svi: SVI, batch, sync=None, step: int = 0, direct=None, beta=1.0) -
             try:
                 loss = svi.loss_and_grads(svi.model, svi.guide, *batch)
             except ValueError as exc:
-                if sync is None or "invalid values" not in str(exc):
+                if sync is None or not refused_non_finite(exc):
                     raise
                 loss = float("nan")  # tell the other ranks before stopping
         params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
@@ -227,7 +227,7 @@ class SVIStepper:
         except ValueError as exc:
             # with validation on, Pyro refuses NaN distribution parameters; distributed, the
             # step's non-finite loss stops every rank at once instead
-            if "invalid values" not in str(exc):
+            if not refused_non_finite(exc):
                 raise
             if self.sync is None:
                 raise non_finite_error(step, float("nan"), self.model, self.guide, batch) from exc
@@ -242,7 +242,7 @@ class SVIStepper:
             loss = svi_step(self.svi, batch, self.sync, step, direct=self.direct, beta=beta)
         except ValueError as exc:
             # with validation on, Pyro refuses NaN distribution parameters before the loss
-            if "invalid values" not in str(exc):
+            if not refused_non_finite(exc):
                 raise
             raise non_finite_error(step, float("nan"), self.model, self.guide, batch) from exc
         if not math.isfinite(loss):
