@@ -12,7 +12,7 @@ from pyro.nn import PyroModule
 
 import bayes_fusion as bf
 from bayes_fusion.infer.compiled import CompiledFunction, flatten_tensors, unflatten_tensors
-from bayes_fusion.infer.svi.elbo import DirectELBO
+from bayes_fusion.infer.svi.elbo import DirectELBO, _mvn_draw
 from bayes_fusion.infer.svi.optim import FusedClippedAdam
 from bayes_fusion.infer.svi.step import PriorAnneal
 
@@ -271,3 +271,29 @@ def test_default_optimizer_resumes_exactly():
     assert resumed.losses[:20] == part.losses
     assert resumed.losses == pytest.approx(full.losses, rel=1e-9)
     assert math.isfinite(resumed.losses[-1])
+
+
+def test_dense_gaussian_draw_scores_itself_from_its_noise():
+    """The full guide's draw and log-density: the draw ``rsample`` makes (same RNG use) and
+    ``log_prob`` of it (float64, well conditioned), but computed from ``eps`` -- in float32 with
+    scales spanning 1e-3..1 the triangular solve of ``log_prob`` is off by orders of magnitude."""
+    g = torch.Generator().manual_seed(0)
+    tril = torch.randn(6, 6, generator=g, dtype=torch.float64).tril(-1) * 0.3
+    tril = tril + torch.diag(torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+    q = dist.MultivariateNormal(torch.randn(6, generator=g, dtype=torch.float64), scale_tril=tril)
+    torch.manual_seed(3)
+    latent, log_q = _mvn_draw(q)
+    torch.manual_seed(3)
+    torch.testing.assert_close(latent, q.rsample())
+    torch.testing.assert_close(log_q, q.log_prob(latent))
+    scales = torch.logspace(-3, 0, 60)
+    tril = torch.eye(60) + torch.randn(60, 60, generator=g).tril(-1)  # float32, unit lower
+    q = dist.MultivariateNormal(torch.zeros(60), scale_tril=scales.unsqueeze(-1) * tril)
+    torch.manual_seed(5)
+    latent, log_q = _mvn_draw(q)
+    torch.manual_seed(5)
+    eps = torch.empty(60).normal_().double()  # the same draw, carried out in float64
+    q64 = dist.MultivariateNormal(torch.zeros(60).double(), scale_tril=q.scale_tril.double())
+    exact = float(q64.log_prob(q64.scale_tril @ eps))
+    assert abs(float(log_q) - exact) < 1e-4 * abs(exact)
+    assert abs(float(q.log_prob(latent)) - exact) > 10 * abs(float(log_q) - exact)

@@ -50,6 +50,21 @@ __all__ = ["DirectELBO"]
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def _mvn_draw(posterior) -> tuple[Tensor, Tensor]:
+    """A draw ``z = loc + L eps`` of a dense Gaussian (the draw ``rsample`` makes) and its
+    log-density from ``eps``: ``log q(z) = -|eps|^2 / 2 - log|det L| - D log(2 pi) / 2``.
+
+    ``log_prob(z)`` would solve ``L x = z - loc`` for ``x = eps``: the same value and gradients
+    in exact arithmetic, but in float32 with an ill-conditioned ``L`` (the guide's scales span
+    orders of magnitude) the solve's error made the ELBO jump to 1e30 and the fit to NaN."""
+    scale_tril = posterior.scale_tril
+    eps = torch.empty_like(posterior.loc).normal_()
+    latent = posterior.loc + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    log_det = torch.diagonal(scale_tril, dim1=-2, dim2=-1).log().sum(-1)
+    log_q = -(0.5 * eps.square() + _HALF_LOG_2PI).sum(-1) - log_det
+    return latent, log_q
+
+
 def _leaf_of(getter, store_leaves: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
     """Read one guide parameter; return (its unconstrained leaf in the param store, value)."""
     value = getter()
@@ -218,8 +233,11 @@ class DirectELBO:
 
     def _sample_continuous(self):
         posterior = self.guide.get_posterior()
-        latent = posterior.rsample()
-        log_q = posterior.log_prob(latent)
+        if isinstance(posterior, torch.distributions.MultivariateNormal):
+            latent, log_q = _mvn_draw(posterior)
+        else:
+            latent = posterior.rsample()
+            log_q = posterior.log_prob(latent)
         values = {}
         for site, unconstrained in unpack_latent(self.guide, latent):
             transform = self._transforms[site["name"]]
