@@ -2,16 +2,22 @@
 draws come back per site -- exactly the potential of the dict, its gradient, its metric, and
 draws from a known posterior."""
 
+import functools
 import math
 
 import pytest
 import torch
 
-from bayes_fusion.infer.mcmc.chains import run_chain
+from bayes_fusion.infer.mcmc.chains import run_chain, run_chains
 from bayes_fusion.infer.mcmc.potential import FlatPotential, flatten_params
 
 # a correlated Gaussian over two sites of different shapes: a (2, 3) and b (2,), 8 entries
 DIM = 8
+
+
+def _quadratic(mean, precision, params):  # sorted-name order: a's entries, then b's
+    x = torch.cat([params["a"].reshape(-1), params["b"]]) - mean
+    return 0.5 * x @ precision @ x
 
 
 def _gaussian():
@@ -20,11 +26,7 @@ def _gaussian():
     cov = root @ root.T + 0.2 * torch.eye(DIM, dtype=torch.float64)
     mean = torch.linspace(-1.0, 2.0, DIM, dtype=torch.float64)
     precision = torch.linalg.inv(cov)
-
-    def potential(params):  # sorted-name order: a's entries, then b's
-        x = torch.cat([params["a"].reshape(-1), params["b"]]) - mean
-        return 0.5 * x @ precision @ x
-
+    potential = functools.partial(_quadratic, mean, precision)  # picklable: worker processes
     like = {"b": torch.zeros(2, dtype=torch.float64), "a": torch.zeros(2, 3, dtype=torch.float64)}
     return potential, like, mean, cov
 
@@ -110,3 +112,18 @@ def test_flat_potential_evaluates_many_chains_in_one_batched_call():
     assert isinstance(looped.batched, str) and value.shape == (3, 4)
     point = z[1, 1]
     torch.testing.assert_close(value[1, 1], branching(looped.unflatten(point)))
+
+
+def test_chains_in_worker_processes_show_their_iterations(tmp_path, capfd):
+    """Each worker keeps its iteration count in a file; the parent's one bar sums them."""
+    potential, like, _, _ = _gaussian()
+    settings = {"max_tree_depth": 4, "target_accept_prob": 0.8, "full_mass": False}
+    count = tmp_path / "count"
+    run_chain(potential, like, 30, 20, 0, settings, progress_path=str(count))
+    assert count.read_text() == "50"
+    run = run_chains(
+        potential, [like, like], 30, 20, [0, 1], settings, parallel=True, progress=True
+    )
+    assert run.samples["a"].shape[:2] == (2, 30)
+    err = capfd.readouterr().err
+    assert "NUTS chains" in err and "100/100" in err

@@ -13,10 +13,13 @@ iteration), so the per-draw statistics ArviZ reads are recorded as it goes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyro
@@ -66,6 +69,7 @@ def run_chain(
     progress: bool = False,
     validate: bool = True,
     label: str = "",
+    progress_path: str | None = None,
 ) -> tuple[dict[str, Tensor], list[int], dict[str, list[float]], dict]:
     """Run one NUTS chain on ``potential`` (a picklable potential); also a process entry point.
 
@@ -78,6 +82,8 @@ def run_chain(
     :param threads: torch intra-op threads (``None``: unchanged).
     :param progress: show a progress bar. :param validate: Pyro's validation.
     :param label: the progress bar's name (e.g. ``"chain 1"``).
+    :param progress_path: a file to keep the count of finished iterations in (a worker
+        process's progress, which the parent shows; written at most every half second).
     :returns: ``(samples, divergences, stats, report)``: unconstrained draws ``name -> (S, ...)``
         (and the Gibbs block's draws), the indices of divergent transitions after warm-up, the
         per-draw statistics (name -> list of ``S`` floats) and the potential's ``report()``
@@ -99,15 +105,21 @@ def run_chain(
     params = kernel.initial_params
     draws = []
     total = warmup_steps + num_samples
+    reported = time.monotonic()
     with tqdm(total=total, disable=not progress, desc=label or "NUTS", leave=False) as bar:
         for i in range(total):
             params = kernel.sample(params)
             if i >= warmup_steps:
                 draws.append(params[FlatPotential.SITE].detach().clone())
             bar.update(1)
+            if progress_path is not None and time.monotonic() - reported > 0.5:
+                _write_count(progress_path, i + 1)
+                reported = time.monotonic()
             if i % 25 == 0:
                 phase = "warmup" if i < warmup_steps else "sample"
                 bar.set_postfix(phase=phase, step_size=f"{kernel.step_size:.2e}", refresh=False)
+    if progress_path is not None:
+        _write_count(progress_path, total)
     samples = flat.unflatten(torch.stack(draws))
     samples.update(kernel.block_draws())
     divergences, stats = kernel.divergences(), kernel.draw_stats()
@@ -145,7 +157,7 @@ def run_chains(
         threads = max(1, torch.get_num_threads() // len(jobs))
         runs = _run_in_processes(
             [(*job, threads, False, validate) for job in jobs], threads, progress
-        )
+        )  # each job gets its label and progress file there
     else:
         runs = [
             run_chain(*job, None, progress, validate, f"chain {i}") for i, job in enumerate(jobs)
@@ -160,35 +172,64 @@ def run_chains(
     return ChainRun(samples, [r[1] for r in runs], stats, report)
 
 
+def _write_count(path: str, count: int) -> None:
+    """Replace the file at ``path`` by one holding ``count`` (atomically: never half written)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(count))
+    os.replace(tmp, path)
+
+
+def _read_count(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _kill_running(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _run_in_processes(jobs: list[tuple], threads: int, progress: bool) -> list:
     """Run ``run_chain(*job)`` for every job in its own fresh Python process.
 
     Workers are started as ``python -m bayes_fusion.infer.mcmc.worker IN OUT`` rather than with
     ``multiprocessing``: they never re-import the user's ``__main__`` (no
-    ``if __name__ == "__main__"`` guard needed, works from notebooks).
+    ``if __name__ == "__main__"`` guard needed, works from notebooks). Each keeps its count of
+    finished iterations in a file; with ``progress`` one bar shows the iterations of all chains.
     """
-    with tempfile.TemporaryDirectory(prefix="bf-chains-") as tmp:
-        procs = []
+    with tempfile.TemporaryDirectory(prefix="bf-chains-") as tmp, contextlib.ExitStack() as stack:
+        procs, counts, logs = [], [], []
         env = worker_environment(threads)
         for i, job in enumerate(jobs):
             src, dst = Path(tmp) / f"in{i}.pt", Path(tmp) / f"out{i}.pt"
-            torch.save(job, src)
+            counts.append(Path(tmp) / f"progress{i}")
+            torch.save((*job, f"chain {i}", str(counts[-1])), src)
             cmd = [sys.executable, "-m", "bayes_fusion.infer.mcmc.worker", str(src), str(dst)]
-            procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), dst))
-        runs = []
-        bar = tqdm(total=len(procs), disable=not progress, desc="chains done", leave=False)
-        for i, (proc, dst) in enumerate(procs):
-            _, err = proc.communicate()
-            if proc.returncode != 0:
-                for other, _ in procs:
-                    other.kill()
+            logs.append(stack.enter_context(open(Path(tmp) / f"err{i}.txt", "w+")))
+            procs.append((subprocess.Popen(cmd, env=env, stderr=logs[-1], text=True), dst))
+        stack.callback(_kill_running, [proc for proc, _ in procs])
+        total = sum(job[2] + job[3] for job in jobs)  # draws + warm-up of every chain
+        with tqdm(total=total, disable=not progress, desc="NUTS chains", leave=False) as bar:
+            while True:
+                codes = [proc.poll() for proc, _ in procs]
+                if all(code == 0 for code in codes) or any(code for code in codes):
+                    break
+                bar.n = sum(_read_count(c) for c in counts)
+                bar.refresh()
+                time.sleep(0.25)
+        for i, (proc, _) in enumerate(procs):
+            if proc.returncode:  # the first failed chain stops the others (the exit stack)
+                logs[i].seek(0)
                 raise RuntimeError(
                     f"num_chains: chain {i} failed in its worker process (exit code "
-                    f"{proc.returncode}):\n{err[-2000:]}"
+                    f"{proc.returncode}):\n{logs[i].read()[-2000:]}"
                 )
-            runs.append(torch.load(dst, weights_only=False))
-            bar.update(1)
-        bar.close()
+        runs = [torch.load(dst, weights_only=False) for _, dst in procs]
     return runs
 
 
