@@ -134,16 +134,63 @@ def compare(datasets: dict[str, Any]):
     return table
 
 
-def plot_forest(data, var_names: list[str], ci_prob: float, height: float):
-    """Forest plot of ``var_names`` (chains combined) with central ``ci_prob`` HDIs.
+def plot_forest(
+    data, var_names: list[str], ci_prob: float, height: float, labels=None, xlabel: str = ""
+):
+    """Forest plot of ``var_names`` (chains combined) with central ``ci_prob`` HDIs, one row
+    per entry of each variable's single dim, labelled ``labels(var, index)``.
 
     :param data: ``InferenceData`` (0.x) or ``DataTree`` (1.x).
-    :param var_names: posterior variables to show.
+    :param var_names: posterior variables to show (each with one dim besides chain/draw).
     :param ci_prob: probability mass of the highest-density interval.
-    :param height: figure height in inches (width 6).
+    :param height: figure height in inches.
+    :param labels: ``(var_name, index) -> str`` row labels (``None``: ArviZ's own).
+    :param xlabel: label of the value axis.
     :returns: ``(figure, axes)``, ``axes`` a numpy array of matplotlib axes, the one holding
         the intervals first.
     """
+    fig, axes = _plot_forest(data, var_names, ci_prob, height)
+    if labels is not None:
+        _relabel_forest(axes, var_names, labels)
+    axes[0].set_xlabel(xlabel)
+    return fig, axes
+
+
+def _relabel_forest(axes, var_names: list[str], labels) -> None:
+    """Replace ArviZ's row labels (``var[0]``, ``[1]``... on 0.x; a variable-name text over a
+    column of coordinates and a ``variable / dim`` footer on 1.x) by ``labels(var, i)``."""
+    import re
+
+    if major_version() >= 1:
+        column = axes[1]
+        current = None
+        for text in column.texts:
+            value = text.get_text()
+            if value in var_names:
+                current = value
+                text.set_text("")
+            elif current is not None and value.isdigit():
+                text.set_text(labels(current, int(value)))
+        column.set_xticks([])
+        for spine in column.spines.values():
+            spine.set_visible(False)
+        return
+    ax = axes[0]
+    ticks = ax.get_yticks()
+    current, new = None, []
+    for tick in reversed(ax.get_yticklabels()):  # top row first: it carries the name
+        match = re.fullmatch(r"(.*)\[(\d+)\]", tick.get_text())
+        if match is None:
+            new.append(tick.get_text())
+            continue
+        current = match.group(1) or current
+        new.append(labels(current, int(match.group(2))))
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(new[::-1])
+
+
+def _plot_forest(data, var_names: list[str], ci_prob: float, height: float):
+    """ArviZ's forest plot on either line: ``(figure, axes)``, the intervals' axes first."""
     import arviz as az
 
     if major_version() >= 1:

@@ -11,6 +11,13 @@ from torch import Tensor
 from ._checks import check_finite, check_positive_float, check_positive_int
 from .layers.base import to_op_layout
 
+_NUMPY_HINT = " (convert NumPy arrays with torch.as_tensor({}, dtype=torch.{}))"
+
+
+def _is_array(obj) -> bool:
+    """Whether ``obj`` is array-like (NumPy, pandas, a list of numbers): a conversion hint helps."""
+    return hasattr(obj, "__array__") or isinstance(obj, (list, tuple))
+
 
 def check_data_inputs(inputs) -> int:
     """Check the model-level inputs (exactly 2-D ``(N, d)`` tensors) and return ``N``.
@@ -26,8 +33,8 @@ def check_data_inputs(inputs) -> int:
             continue
         if not isinstance(x, Tensor):
             raise TypeError(
-                f"{name}: expected a torch.Tensor of shape (N, d), got {type(x).__name__} "
-                "(convert NumPy arrays with torch.as_tensor(x, dtype=torch.float32))"
+                f"{name}: expected a torch.Tensor of shape (N, d), got {type(x).__name__}"
+                + _NUMPY_HINT.format("x", "float32") * _is_array(x)
             )
         if x.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor (N, d), got shape {tuple(x.shape)}")
@@ -171,6 +178,7 @@ class Regressor(_Likelihood):
         if not isinstance(y, Tensor):
             raise TypeError(
                 f"y: expected a torch.Tensor of shape ({rows}, {out}), got {type(y).__name__}"
+                + _NUMPY_HINT.format("y", "float32") * _is_array(y)
             )
         if not torch.is_floating_point(y):
             raise TypeError(f"y: expected a floating-point tensor, got dtype {y.dtype}")
@@ -242,6 +250,7 @@ class Classifier(_Likelihood):
         if not isinstance(y, Tensor):
             raise TypeError(
                 f"y: expected a torch.Tensor of shape ({rows},), got {type(y).__name__}"
+                + _NUMPY_HINT.format("y", "long") * _is_array(y)
             )
         if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
             raise TypeError(f"y: expected integer class labels, got dtype {y.dtype}")

@@ -1,20 +1,36 @@
 """Relevance of components, effective rank and the posterior over the rank.
 
-**Relevance** (default ``"norm"``): for CP fusion, the Frobenius norm of component r's rank-one
-term ``||u_1r o ... o u_Mr o u_out,r||_F = prod_m ||u_mr|| * ||u_out,r||``; for XOX, the norm of
-everything gene g contributes to ``W`` (:func:`bayes_fusion.ops.xox_gene_norms`). It measures
-what removing the component changes in the weight, so it is what pruning is judged by, and it
-is invariant to the scale/sign symmetries of CP factors (``u_1r * c, u_2r / c``; flipping signs
-of columns in pairs). ``"scale"`` uses ``lambda_r`` instead: a prior scale, which the data only
-constrain indirectly, so it separates active from inactive components less sharply (see
-``docs/concepts.rst`` and the test that measures the separation).
+**Effective rank** per draw (default ``criterion="information"``): the number of components
+the data can tell from zero. Component ``k`` adds ``scores[n, k] * loadings[p, k]`` to the
+model's output (:meth:`~bayes_fusion.layers.base.RankLayer.component_terms`); its
+**information**
 
-**Effective rank** per draw: the number of components whose relevance exceeds
-``threshold * max_r relevance_r`` (scale-aware: relative to the largest component of the same
-draw) and an absolute floor (``floor_factor`` times the relevance a component would have with
-every entry at the prior floor ``eps``), so that a fully collapsed layer has rank 0.
+    ``a_k = sum_n c_nk^T H_n c_nk``
 
-Components are exchangeable, so every summary here works with *sorted* relevances per draw and
+weighs that contribution ``c_nk`` over the training rows by the likelihood's Fisher
+information ``H_n`` at the draw (regression: ``diag(1 / sigma^2)``; classification:
+``diag(pi_n) - pi_n pi_n^T``): ``sqrt(a_k)`` is the component's whole-data signal in noise
+standard deviations, and ``a_k / 2`` is (to second order) the log-likelihood the fit would lose
+without it. Following the horseshoe literature (Piironen & Vehtari 2017), the shrinkage factor
+``kappa_k = 1 / (1 + a_k)`` says how far the component sits from the data's answer towards the
+prior's zero; a component counts when ``1 - kappa_k > threshold`` (default ``0.5``: the data
+outweigh the shrinkage), and ``m_eff = sum_k (1 - kappa_k)`` is the continuous effective number
+of components reported beside the integer rank. Noise, main effects and tiny components are
+thus weighed on one absolute scale: a model with no interaction has rank 0 however its
+components compare with each other. It needs the likelihood, so it applies to a rank layer that
+produces the predictions of a :class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier`
+(``model.layer``).
+
+``criterion="relative"`` (the fallback for hidden layers and user models, where no likelihood
+sits on the layer's output): a component counts when its **relevance** exceeds ``threshold``
+(default ``0.05``) times the draw's largest and an absolute floor (``floor_factor`` times the
+relevance of a component with every entry at the prior floor ``eps``). Relevance (default
+``"norm"``): for CP fusion the Frobenius norm of component r's rank-one term
+``prod_m ||u_mr|| * ||u_out,r||``; for XOX the singular values of ``W``. ``"scale"`` uses
+``lambda_r`` instead. Compared only with the largest component, it counts every component when
+all are small (no interaction) and none when MAP pushes them under the floor.
+
+Components are exchangeable, so every summary here works with *sorted* quantities per draw and
 is invariant to permuting components and to sign flips of factor columns.
 """
 
@@ -27,26 +43,36 @@ import torch
 from torch import Tensor
 
 from .layers.base import RankLayer, rank_layers
+from .models import Classifier, Regressor
 
 __all__ = [
     "RankPosterior",
     "layer_draws",
     "relevance_draws",
     "active_components",
+    "component_information",
+    "information_applies",
     "effective_rank_draws",
+    "layer_rank_posterior",
     "rank_posterior",
+    "rank_quantities",
     "hdi_int",
     "hdi_float",
 ]
 
 RELEVANCE_KINDS = ("norm", "scale")
+CRITERIA = ("auto", "information", "relative")
+#: default ``threshold`` of each criterion (``1 - kappa`` / relevance relative to the largest)
+DEFAULT_THRESHOLD = {"information": 0.5, "relative": 0.05}
 
 
-def _check_threshold(threshold: float) -> float:
+def _check_threshold(threshold: float | None, criterion: str) -> float:
+    if threshold is None:
+        return DEFAULT_THRESHOLD[criterion]
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold: expected a number in (0, 1), got {threshold!r}")
+        raise TypeError(f"threshold: expected a number in (0, 1) or None, got {threshold!r}")
     if not 0 < threshold < 1:
-        raise ValueError(f"threshold: expected a number in (0, 1), got {threshold!r}")
+        raise ValueError(f"threshold: expected a number in (0, 1) or None, got {threshold!r}")
     return float(threshold)
 
 
@@ -96,22 +122,114 @@ def active_components(
     threshold: float = 0.05,
     kind: str = "norm",
 ) -> Tensor:
-    """Which components count as switched on in each draw, shape ``(S, R)`` (bool): relevance
-    above ``threshold`` times the draw's largest and above the absolute floor."""
-    threshold = _check_threshold(threshold)
+    """The relative criterion: which components count in each draw, shape ``(S, R)`` (bool):
+    relevance above ``threshold`` times the draw's largest and above the absolute floor."""
+    threshold = _check_threshold(threshold, "relative")
     rel = relevance_draws(layer, samples, kind)
     top = rel.max(dim=-1, keepdim=True).values
     return (rel > threshold * top) & (rel > _floor(layer, kind))
 
 
+def information_applies(model, layer: RankLayer) -> bool:
+    """Whether the information criterion applies to ``layer``: it produces the predictions of
+    a :class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier` (``model.layer``),
+    so the likelihood's Fisher information sits on its output."""
+    return isinstance(model, (Regressor, Classifier)) and model.layer is layer
+
+
+def component_information(
+    model, layer: RankLayer, samples: dict[str, Tensor], inputs, chunk_size: int = 100
+) -> Tensor:
+    """The information ``a_k = sum_n c_nk^T H_n c_nk`` of each component per draw (see the
+    module docstring): its contribution ``c_nk`` to the predictions over the rows of ``inputs``
+    weighed by the likelihood's Fisher information ``H_n`` at the draw.
+
+    :param model: the :class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier`
+        whose ``layer`` is ``layer``.
+    :param samples: draws, full site name -> ``(S, ...)`` (a ``Regressor``'s include
+        ``noise`` ``(S, P)``).
+    :param inputs: the training inputs (``(N, d)`` tensor or list of them).
+    :param chunk_size: draws per batch (memory ``chunk_size * N * K``).
+    :returns: ``(S, K)`` float64, ``K`` the layer's components (XOX: ``max_rank``).
+    :raises ValueError: when the criterion does not apply (:func:`information_applies`).
+    """
+    if not information_applies(model, layer):
+        raise ValueError(
+            f"model: the information criterion needs the rank layer to produce the predictions "
+            f"of a Regressor or Classifier (model.layer), got {type(model).__name__}; use "
+            "criterion='relative'"
+        )
+    own = layer_draws(layer, samples)
+    total = next(iter(own.values())).shape[0]
+    if isinstance(model, Regressor) and "noise" not in samples:
+        raise ValueError(f"samples: expected draws of site 'noise', got {sorted(samples)}")
+    out = []
+    for start in range(0, total, chunk_size):
+        values = {k: v[start : start + chunk_size].detach() for k, v in own.items()}
+        scores, loadings = layer.component_terms(values, inputs)  # (s, N, K), (s, P, K)
+        if isinstance(model, Regressor):
+            precision = samples["noise"][start : start + chunk_size].detach().pow(-2)  # (s, P)
+            per_row = (loadings.pow(2) * precision.unsqueeze(-1)).sum(-2).unsqueeze(-2)
+        else:  # w^T (diag(pi) - pi pi^T) w: the variance of the loadings under pi_n
+            with torch.no_grad():
+                probs = layer.apply(values, inputs).softmax(-1)  # (s, N, C)
+            per_row = probs @ loadings.pow(2) - (probs @ loadings).pow(2)
+        out.append((scores.pow(2) * per_row).sum(-2).double())
+    return torch.cat(out)
+
+
+def _resolve_criterion(criterion: str, model, layer: RankLayer, inputs) -> str:
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
+    if criterion == "auto":
+        applies = inputs is not None and information_applies(model, layer)
+        return "information" if applies else "relative"
+    return criterion
+
+
+@dataclass
+class _Counted:
+    """Which components count per draw under one criterion."""
+
+    criterion: str
+    threshold: float
+    active: Tensor  # (S, K) bool
+    m_eff: Tensor | None  # (S,) sum of 1 - kappa (information criterion)
+
+
+def _count(layer, samples, threshold, kind, criterion, model, inputs) -> _Counted:
+    criterion = _resolve_criterion(criterion, model, layer, inputs)
+    threshold = _check_threshold(threshold, criterion)
+    if criterion == "relative":
+        active = active_components(layer, samples, threshold, kind)
+        return _Counted(criterion, threshold, active, None)
+    if inputs is None:
+        raise ValueError("inputs: the information criterion needs the training inputs, got None")
+    signal = component_information(model, layer, samples, inputs) / layer.noise_information()
+    weight = signal / (1.0 + signal)  # 1 - kappa
+    return _Counted(criterion, threshold, weight > threshold, weight.sum(-1))
+
+
 def effective_rank_draws(
     layer: RankLayer,
     samples: dict[str, Tensor],
-    threshold: float = 0.05,
+    threshold: float | None = None,
     kind: str = "norm",
+    *,
+    criterion: str = "auto",
+    model=None,
+    inputs=None,
 ) -> Tensor:
-    """Effective rank per draw, shape ``(S,)`` (int64)."""
-    return active_components(layer, samples, threshold, kind).sum(-1)
+    """Effective rank per draw, shape ``(S,)`` (int64).
+
+    :param threshold: ``1 - kappa`` above which a component counts (information, default
+        0.5) or relevance relative to the draw's largest (relative, default 0.05).
+    :param kind: relevance of the relative criterion, ``"norm"`` or ``"scale"``.
+    :param criterion: ``"information"``, ``"relative"`` or ``"auto"`` (information where
+        :func:`information_applies`, which needs ``model``; relative otherwise).
+    :param model: the fitted model. :param inputs: its training inputs (information).
+    """
+    return _count(layer, samples, threshold, kind, criterion, model, inputs).active.sum(-1)
 
 
 def _hdi(values: Tensor, prob: float) -> tuple[Tensor, Tensor]:
@@ -137,15 +255,30 @@ def hdi_float(values: Tensor, prob: float = 0.9) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+#: what a rank posterior was computed from, per kind of fit
+SOURCES = ("point", "variational", "mcmc")
+
+
 @dataclass
 class RankPosterior:
     """Posterior summary of one rank-bearing layer.
 
     :ivar layer: module path of the layer inside the model ("" at top level).
+    :ivar max_rank: the largest rank the layer's map can have.
     :ivar rank_draws: effective rank per draw ``(S,)``.
-    :ivar probs: ``P(rank = r)`` for ``r = 0..max_rank``, shape ``(R + 1,)``.
-    :ivar relevance: sorted (descending) relevances per draw ``(S, R)``.
+    :ivar probs: ``P(rank = r)`` for ``r = 0..max_rank``, shape ``(max_rank + 1,)``.
+    :ivar relevance: sorted (descending) relevances per draw ``(S, K)``.
     :ivar scales: sorted (descending) ``lambda`` per draw ``(S, R)``.
+    :ivar criterion: ``"information"`` or ``"relative"`` (see the module docstring).
+    :ivar threshold: the criterion's threshold.
+    :ivar m_eff: ``sum_k (1 - kappa_k)`` per draw ``(S,)`` (information criterion; else
+        ``None``).
+    :ivar source: ``"point"`` (a MAP fit: one point, not a posterior), ``"variational"`` (the
+        guide's approximation) or ``"mcmc"``.
+    :ivar method: the fit's method (``"map"``, ``"meanfield"``, ``"lowrank"``, ``"full"``,
+        ``"nuts"``, ``"custom"``).
+    :ivar problems: failed MCMC diagnostics on this layer's invariant quantities (r-hat >
+        1.01, ESS < 100, divergences); empty when they pass or for SVI.
     """
 
     layer: str
@@ -155,6 +288,12 @@ class RankPosterior:
     relevance: Tensor
     scales: Tensor
     hdi_prob: float = 0.9
+    criterion: str = "relative"
+    threshold: float = 0.05
+    m_eff: Tensor | None = None
+    source: str = "variational"
+    method: str = "custom"
+    problems: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -169,13 +308,54 @@ class RankPosterior:
     def hdi(self) -> tuple[int, int]:
         return hdi_int(self.rank_draws, self.hdi_prob)
 
+    @property
+    def is_point(self) -> bool:
+        """Whether this is a point estimate (MAP): one rank, no uncertainty."""
+        return self.source == "point"
+
+    @property
+    def label(self) -> str:
+        """What the summary is: ``"MAP point estimate"``, ``"variational posterior
+        (meanfield guide)"`` or ``"MCMC posterior"``."""
+        if self.source == "point":
+            return "MAP point estimate (no uncertainty: fit a guide or NUTS for a posterior)"
+        if self.source == "mcmc":
+            return "MCMC posterior"
+        return f"variational posterior ({self.method} guide's approximation)"
+
+    @property
+    def warning(self) -> str | None:
+        """A one-line warning when MCMC diagnostics failed (``None`` otherwise)."""
+        if not self.problems:
+            return None
+        return "WARNING: MCMC diagnostics fail (" + "; ".join(self.problems) + ")"
+
     def table(self) -> str:
-        """The rank posterior as a text table (ranks with non-zero probability)."""
+        """The rank posterior as a text table (ranks with non-zero probability); a point
+        estimate's single rank."""
+        if self.is_point:
+            return f"rank (point estimate): {self.mode}"
         lines = ["rank  P(rank)"]
         for r, p in enumerate(self.probs.tolist()):
             if p > 0:
                 lines.append(f"{r:>4}  {p:7.3f}")
         return "\n".join(lines)
+
+    def headline(self) -> str:
+        """One line: the effective rank (mode, HDI, mean) and ``m_eff``."""
+        m_eff = ""
+        if self.m_eff is not None:
+            m_eff = f"; m_eff {float(self.m_eff.double().mean()):.2f}"
+            if not self.is_point:
+                lo, hi = hdi_float(self.m_eff, self.hdi_prob)
+                m_eff += f" [{lo:.2f}, {hi:.2f}]"
+        if self.is_point:
+            return f"effective rank {self.mode} (MAP point estimate){m_eff}"
+        lo, hi = self.hdi
+        return (
+            f"effective rank: mode {self.mode}, {int(self.hdi_prob * 100)}% HDI [{lo}, {hi}], "
+            f"mean {self.mean:.2f}{m_eff}"
+        )
 
 
 def _samples_of(result, num_samples: int) -> dict[str, Tensor]:
@@ -185,25 +365,72 @@ def _samples_of(result, num_samples: int) -> dict[str, Tensor]:
     return samples
 
 
+def _source(result) -> str:
+    if result.is_mcmc:
+        return "mcmc"
+    return "point" if result.method == "map" else "variational"
+
+
+def layer_rank_posterior(
+    model,
+    layer: RankLayer,
+    samples: dict[str, Tensor],
+    inputs=None,
+    threshold: float | None = None,
+    kind: str = "norm",
+    criterion: str = "auto",
+    hdi_prob: float = 0.9,
+    path: str = "",
+) -> RankPosterior:
+    """The rank posterior of one layer from flat draws (no labels: see
+    :func:`rank_posterior`).
+
+    :param model: the fitted model. :param layer: one of its rank layers.
+    :param samples: full site name -> ``(S, ...)``. :param inputs: the training inputs
+        (information criterion). Other parameters as :func:`rank_posterior`.
+    """
+    counted = _count(layer, samples, threshold, kind, criterion, model, inputs)
+    ranks = counted.active.sum(-1)
+    probs = torch.bincount(ranks, minlength=layer.max_rank + 1).double() / ranks.numel()
+    relevance = relevance_draws(layer, samples, kind).sort(dim=-1, descending=True).values
+    scales = layer_draws(layer, samples)[layer.SCALE_SITE].sort(dim=-1, descending=True).values
+    return RankPosterior(
+        layer=path,
+        max_rank=layer.max_rank,
+        rank_draws=ranks,
+        probs=probs,
+        relevance=relevance,
+        scales=scales,
+        hdi_prob=hdi_prob,
+        criterion=counted.criterion,
+        threshold=counted.threshold,
+        m_eff=counted.m_eff,
+    )
+
+
 def rank_posterior(
     result,
     num_samples: int = 500,
-    threshold: float = 0.05,
+    threshold: float | None = None,
     kind: str = "norm",
     hdi_prob: float = 0.9,
     samples: dict[str, Tensor] | None = None,
+    criterion: str = "auto",
 ) -> dict[str, RankPosterior]:
     """Posterior over the effective rank of every rank-bearing layer of a fit.
 
     :param result: a :class:`bayes_fusion.FitResult`.
     :param num_samples: guide draws for SVI results (MCMC: all draws).
-    :param threshold: relative relevance threshold in ``(0, 1)``.
-    :param kind: relevance, ``"norm"`` or ``"scale"``.
+    :param threshold: see :func:`effective_rank_draws` (``None``: the criterion's default).
+    :param kind: relevance of the relative criterion, ``"norm"`` or ``"scale"``.
+    :param hdi_prob: mass of the highest-density interval of the rank.
     :param samples: precomputed posterior draws (site -> ``(S, ...)``) to use instead.
-    :returns: layer path -> :class:`RankPosterior`.
+    :param criterion: ``"auto"`` (information for the layer of a ``Regressor`` /
+        ``Classifier``, relative elsewhere), ``"information"`` or ``"relative"``.
+    :returns: layer path -> :class:`RankPosterior`, labelled with what it is (``source``)
+        and, for MCMC, the diagnostics that failed on its invariant quantities.
     :raises ValueError: when the model has no rank-bearing layer or the posterior is empty.
     """
-    _check_threshold(threshold)
     layers = rank_layers(result.model)
     if not layers:
         raise ValueError(
@@ -211,20 +438,29 @@ def rank_posterior(
             "(CPFusion or XOXLinear)"
         )
     samples = _samples_of(result, num_samples) if samples is None else samples
+    inputs = result.args[0] if result.args else None
     out = {}
     for path, layer in layers.items():
-        rel = relevance_draws(layer, samples, kind)
-        ranks = effective_rank_draws(layer, samples, threshold, kind)
-        # the largest rank the layer's map can have (XOX: min(genes, in, out))
-        probs = torch.bincount(ranks, minlength=layer.max_rank + 1).double() / ranks.numel()
-        scales = layer_draws(layer, samples)[layer.SCALE_SITE]
-        out[path] = RankPosterior(
-            layer=path,
-            max_rank=layer.max_rank,
-            rank_draws=ranks,
-            probs=probs,
-            relevance=rel.sort(dim=-1, descending=True).values,
-            scales=scales.sort(dim=-1, descending=True).values,
-            hdi_prob=hdi_prob,
+        rp = layer_rank_posterior(
+            result.model, layer, samples, inputs, threshold, kind, criterion, hdi_prob, path
         )
+        rp.source, rp.method = _source(result), result.method
+        if result.is_mcmc:
+            rp.problems = result.convergence_problems(rank_quantities(layer, rp))
+        out[path] = rp
+    return out
+
+
+def rank_quantities(layer: RankLayer, rp: RankPosterior) -> dict[str, Tensor]:
+    """The label-switching-invariant quantities of one layer's rank posterior, named as
+    :func:`~bayes_fusion.to_inference_data` and ``diagnostics()`` name them: sorted scales,
+    sorted relevances, effective rank and ``m_eff`` (information criterion), each
+    ``(S, ...)``."""
+    out = {
+        layer.site_name("rank_scale_sorted"): rp.scales,
+        layer.site_name("relevance_sorted"): rp.relevance,
+        layer.site_name("effective_rank"): rp.rank_draws.double(),
+    }
+    if rp.m_eff is not None:
+        out[layer.site_name("m_eff")] = rp.m_eff
     return out

@@ -20,7 +20,7 @@ from pyro.poutine.util import site_is_subsample
 from . import arviz_compat
 from .infer.data import inspection_trace, seeded
 from .layers.base import rank_layers
-from .rank import RankPosterior, rank_posterior
+from .rank import RankPosterior, rank_posterior, rank_quantities
 
 __all__ = [
     "from_pyro",
@@ -118,14 +118,15 @@ def to_inference_data(
     num_samples: int = 500,
     posterior_predictive: bool = True,
     log_likelihood: bool = True,
-    threshold: float = 0.05,
+    threshold: float | None = None,
     seed: int | None = 0,
 ):
     """Convert a fit to ArviZ (``InferenceData`` on ArviZ 0.x, ``DataTree`` on 1.x).
 
     Groups: ``posterior`` (every latent site; per rank-bearing layer ``{layer}.relevance_sorted``
     and ``{layer}.rank_scale_sorted`` -- sorted per draw, so aligned across draws and chains and
-    meaningful for r-hat/ESS -- and ``{layer}.effective_rank``), ``posterior_predictive``
+    meaningful for r-hat/ESS --, ``{layer}.effective_rank`` and, where the information
+    criterion applies, ``{layer}.m_eff``: see :mod:`bayes_fusion.rank`), ``posterior_predictive``
     (``obs``), ``log_likelihood`` (pointwise ``obs``, for ``az.loo``/``az.waic``/``az.compare``),
     ``observed_data`` (every observed site of any model; ``log_likelihood`` holds each one's
     pointwise densities, per row of its data plate) and, for MCMC, ``sample_stats``
@@ -137,7 +138,8 @@ def to_inference_data(
     :param num_samples: guide draws for SVI results.
     :param posterior_predictive: add the ``posterior_predictive`` group.
     :param log_likelihood: add the pointwise ``log_likelihood`` group.
-    :param threshold: relevance threshold of the effective rank.
+    :param threshold: threshold of the effective rank (``None``: the criterion's default; see
+        :func:`~bayes_fusion.rank_posterior`).
     :param seed: seed of the conversion's own draws (guide draws, posterior predictive): the
         same seed gives the same data, so ``bf.loo(result)`` and
         ``az.loo(bf.to_inference_data(result))`` agree; the global RNG streams are left as they
@@ -154,6 +156,7 @@ def _inference_data(result, num_samples, posterior_predictive, log_likelihood, t
     flat = {k: v.reshape((chains * ndraw,) + v.shape[2:]) for k, v in draws.items()}
     posterior, dims, coords = {}, {}, {}
     layers = rank_layers(result.model)
+    rps = rank_posterior(result, threshold=threshold, samples=flat) if layers else {}
     for name, value in draws.items():
         posterior[name] = _np(value)
     for path, layer in layers.items():
@@ -169,18 +172,15 @@ def _inference_data(result, num_samples, posterior_predictive, log_likelihood, t
                 dims[full] = [f"{full}_output", f"{full}_feature"]
             elif len(shape) == 2 and shape[1] == layer.rank:
                 dims[full] = [f"{full}_row", rank_dim]
-        rp: RankPosterior = rank_posterior(result, threshold=threshold, samples=flat)[path]
-        # the names diagnostics() gives the same quantities
-        relevance = layer.site_name("relevance_sorted")
-        scales = layer.site_name("rank_scale_sorted")
-        k = rp.relevance.shape[-1]
+        rp: RankPosterior = rps[path]
         rel_dim = f"{path or 'layer'}_component"
-        coords[rel_dim] = np.arange(k)
-        posterior[relevance] = _np(rp.relevance.reshape(chains, ndraw, k))
-        dims[relevance] = [rel_dim]
-        posterior[scales] = _np(rp.scales.reshape(chains, ndraw, layer.rank))
-        dims[scales] = [rank_dim]
-        posterior[layer.site_name("effective_rank")] = _np(rp.rank_draws.reshape(chains, ndraw))
+        coords[rel_dim] = np.arange(rp.relevance.shape[-1])
+        for name, value in rank_quantities(layer, rp).items():  # the names diagnostics() uses
+            posterior[name] = _np(value.reshape((chains, ndraw) + value.shape[1:]))
+            if name.endswith("relevance_sorted"):
+                dims[name] = [rel_dim]
+            elif name.endswith("rank_scale_sorted"):
+                dims[name] = [rank_dim]
     groups: dict[str, Any] = {"posterior": posterior}
     observed = observed_sites(result)
     if observed:
@@ -367,7 +367,8 @@ def _save(fig, path):
 
 
 def plot_rank_posterior(result_or_posteriors, path=None, num_samples: int = 500):
-    """Bar chart of ``P(rank = r)`` per rank-bearing layer.
+    """Bar chart of ``P(rank = r)`` per rank-bearing layer, titled with what it is (MAP point
+    estimate / variational / MCMC posterior) and, in red, the MCMC diagnostics that failed.
 
     :param result_or_posteriors: a fit result or the output of :func:`rank_posterior`.
     :param path: optional PNG path to save to.
@@ -380,22 +381,40 @@ def plot_rank_posterior(result_or_posteriors, path=None, num_samples: int = 500)
         if isinstance(result_or_posteriors, dict)
         else rank_posterior(result_or_posteriors, num_samples=num_samples)
     )
-    fig, axes = plt.subplots(1, len(rps), figsize=(4.5 * len(rps), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(rps), figsize=(4.5 * len(rps), 3.4), squeeze=False)
     for ax, (path_name, rp) in zip(axes[0], rps.items(), strict=True):
         ranks = np.arange(rp.max_rank + 1)
-        ax.bar(ranks, rp.probs.numpy(), color="tab:blue")
-        lo, hi = rp.hdi
-        ax.set_title(
-            f"{path_name or 'layer'}: mode {rp.mode}, {int(rp.hdi_prob * 100)}% HDI [{lo}, {hi}]",
-            fontsize=9,
-        )
-        ax.set_xlabel("effective rank")
-        ax.set_ylabel("posterior probability")
+        ax.bar(ranks, rp.probs.numpy(), color="tab:gray" if rp.is_point else "tab:blue")
+        ax.set_title(_plot_title(path_name, rp), fontsize=8, loc="left")
+        if rp.warning:
+            warning = _wrapped(rp.warning)
+            ax.text(0.5, 0.97, warning, transform=ax.transAxes, ha="center", va="top", fontsize=7)
+            ax.texts[-1].set_color("tab:red")
+        ax.set_xlabel(f"effective rank ({rp.criterion} criterion)")
+        ax.set_ylabel("point estimate" if rp.is_point else "posterior probability")
         ax.set_xticks(ranks)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.25 if rp.warning else 1.05)
     fig.tight_layout()
     _save(fig, path)
     return fig, axes
+
+
+def _plot_title(path_name: str, rp: RankPosterior) -> str:
+    """Two lines: the layer and what the summary is; the rank (mode and HDI, or the point)."""
+    what = rp.label.split(" (no uncertainty")[0]
+    if rp.is_point:
+        return f"{path_name or 'layer'}: {what}\nrank {rp.mode}"
+    lo, hi = rp.hdi
+    return (
+        f"{path_name or 'layer'}: {what}\n"
+        f"mode {rp.mode}, {int(rp.hdi_prob * 100)}% HDI [{lo}, {hi}]"
+    )
+
+
+def _wrapped(text: str, width: int = 60) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def plot_relevance_forest(
@@ -426,7 +445,14 @@ def plot_relevance_forest(
     if not names:
         raise ValueError(f"var: expected a rank variable like 'relevance_sorted', got {var!r}")
     height = 1 + 0.35 * sum(idata.posterior[n].shape[-1] for n in names)
-    fig, axes = arviz_compat.plot_forest(idata, names, hdi_prob, height)
+    quantity = "relevance" if var == "relevance_sorted" else "rank scale lambda"
+
+    def label(name: str, index: int) -> str:  # "layer #1": the largest of the layer's draws
+        return f"{name.rsplit('.', 1)[0]} #{index + 1}"
+
+    fig, axes = arviz_compat.plot_forest(
+        idata, names, hdi_prob, height, labels=label, xlabel=f"{quantity} (sorted per draw)"
+    )
     axes[0].set_title(
         f"sorted {var.replace('_sorted', '')} ({int(hdi_prob * 100)}% HDI)", fontsize=9
     )
@@ -474,29 +500,38 @@ def plot_elbo(result, path=None, smooth: int = 25):
 # text summary
 # ---------------------------------------------------------------------------------------------
 def rank_summary(
-    result, num_samples: int = 500, threshold: float = 0.05, print_it: bool = True
+    result,
+    num_samples: int = 500,
+    threshold: float | None = None,
+    print_it: bool = True,
+    criterion: str = "auto",
 ) -> str:
-    """Print (and return) the rank posterior of every rank-bearing layer: the table of
-    ``P(rank = r)``, effective rank mean / mode / HDI, and parameter counts full vs pruned.
+    """Print (and return) the rank posterior of every rank-bearing layer: what it is (MAP
+    point estimate, a guide's variational posterior, MCMC), the criterion, the table of
+    ``P(rank = r)``, the effective rank's mode / HDI / mean and ``m_eff``, the parameter counts
+    full vs pruned at the modal rank (:func:`~bayes_fusion.prune`), and -- for MCMC -- a
+    warning line when the diagnostics of the layer's invariant quantities fail.
+
+    :param threshold: ``criterion``: as :func:`~bayes_fusion.rank_posterior`.
+    :param print_it: print the text as well as returning it.
     """
     from .prune import prune
 
-    rps = rank_posterior(result, num_samples=num_samples, threshold=threshold)
-    pruned = prune(result, threshold=threshold, num_samples=num_samples)
+    samples = result.posterior_draws(num_samples)  # one set of draws for both
+    rps = rank_posterior(result, threshold=threshold, samples=samples, criterion=criterion)
+    pruned = prune(result, threshold=threshold, criterion=criterion, samples=samples)
     lines = []
-    kind = "MCMC" if result.is_mcmc else f"variational ({result.method})"
     for path, rp in rps.items():
         layer = rank_layers(result.model)[path]
-        lo, hi = rp.hdi
         lines.append(
             f"== layer {path or type(layer).__name__!r} ({type(layer).__name__}, "
-            f"max rank {rp.max_rank}; {kind}) =="
+            f"max rank {rp.max_rank}): {rp.label} =="
         )
+        if rp.warning:
+            lines.append(rp.warning)
+        lines.append(_criterion_line(rp))
         lines.append(rp.table())
-        lines.append(
-            f"effective rank: mean {rp.mean:.2f}, mode {rp.mode}, "
-            f"{int(rp.hdi_prob * 100)}% HDI [{lo}, {hi}]"
-        )
+        lines.append(rp.headline())
         info = pruned.layers[path]
         lines.append(
             f"parameters: full {info['params_before']}, pruned (rank "
@@ -507,3 +542,15 @@ def rank_summary(
     if print_it:
         print(text)
     return text
+
+
+def _criterion_line(rp: RankPosterior) -> str:
+    if rp.criterion == "information":
+        return (
+            f"a component counts when 1 - kappa > {rp.threshold:g} (information criterion: the "
+            "data outweigh the shrinkage)"
+        )
+    return (
+        f"a component counts when its relevance exceeds {rp.threshold:g} x the largest "
+        "(relative criterion)"
+    )

@@ -8,7 +8,8 @@ import torch
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_classification, make_cp_regression
-from bayes_fusion.infer.mcmc.diagnostics import invariant_draws, r_hat_and_ess
+from bayes_fusion.infer.mcmc.convergence import r_hat_and_ess
+from bayes_fusion.infer.mcmc.diagnostics import invariant_draws
 from bayes_fusion.infer.mcmc.starts import START_JITTER, chain_starts
 
 

@@ -11,7 +11,7 @@ import torch
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_classification
-from bayes_fusion.infer.mcmc.diagnostics import r_hat_and_ess
+from bayes_fusion.infer.mcmc.convergence import r_hat_and_ess
 from bayes_fusion.infer.mcmc.polya_gamma import COEF_SITE, PolyaGammaPotential, supports_polya_gamma
 from tests.test_output_marginal import _dense_design
 

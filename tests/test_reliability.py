@@ -7,6 +7,7 @@ import sys
 import textwrap
 import warnings
 
+import pyro
 import pytest
 import torch
 
@@ -176,8 +177,81 @@ def test_predict_bad_arguments(small, kwargs, exc, match):
 
 def test_predict_wrong_inputs(small):
     res = bf.fit(_model(), small.inputs, small.y, num_steps=5, progress=False)
-    with pytest.raises(ValueError, match=r"inputs\[1\]: expected 4 features"):
-        res.predict([small.inputs[0], small.inputs[0]])
+    for call in (res.predict, res.predictive):
+        with pytest.raises(ValueError, match=r"inputs\[1\]: expected 4 features") as info:
+            call([small.inputs[0], small.inputs[0]])
+        assert "Trace Shapes" not in str(info.value)
+
+
+def _with_nan(x, row=3):
+    x = x.clone()
+    x[row] = float("nan")
+    return x
+
+
+#: a user's mistakes with the data: (what, args from the data, error, the whole message)
+DATA_MISTAKES = [
+    (
+        "numpy y",
+        lambda d: (d.inputs, d.y.numpy()),
+        TypeError,
+        "y: expected a torch.Tensor of shape (100, 2), got ndarray (convert NumPy arrays with "
+        "torch.as_tensor(y, dtype=torch.float32))",
+    ),
+    (
+        "NaN in an input",
+        lambda d: ([_with_nan(d.inputs[0]), d.inputs[1]], d.y),
+        ValueError,
+        "inputs[0]: expected finite values, got 3 NaN/inf entries",
+    ),
+    (
+        "NaN in y",
+        lambda d: (d.inputs, _with_nan(d.y)),
+        ValueError,
+        "y: expected finite values, got 2 NaN/inf entries",
+    ),
+    (
+        "y of the wrong shape",
+        lambda d: (d.inputs, d.y[:, :1]),
+        ValueError,
+        "y: expected shape (100, 2), got (100, 1)",
+    ),
+    (
+        "a missing modality",
+        lambda d: ([d.inputs[0]], d.y),
+        ValueError,
+        "inputs: expected 2 modalities with feature sizes (3, 4), got 1",
+    ),
+    (
+        "a 1-D input",
+        lambda d: ([d.inputs[0][:, 0], d.inputs[1]], d.y),
+        ValueError,
+        "inputs[0]: expected a 2-D tensor (N, d), got shape (100,)",
+    ),
+]
+
+
+@pytest.mark.parametrize("guide", ["meanfield", "nuts"])
+@pytest.mark.parametrize(
+    "what,make_args,exc,message", DATA_MISTAKES, ids=[m[0] for m in DATA_MISTAKES]
+)
+def test_data_mistakes_get_our_message_alone(small, guide, what, make_args, exc, message):
+    """Each message names the argument as the user wrote it, and Pyro's shape table is not
+    appended to it (it is to a user model's own errors, where it helps)."""
+    options = {"num_steps": 2} if guide != "nuts" else {"num_samples": 2, "warmup_steps": 2}
+    with pytest.raises(exc) as info:
+        bf.fit(_model(), *make_args(small), guide=guide, progress=False, **options)
+    assert str(info.value) == message
+
+
+def test_a_user_models_own_error_keeps_pyros_shape_table(small):
+    def model(inputs, y):
+        scale = pyro.sample("scale", pyro.distributions.HalfNormal(1.0))
+        raise ValueError(f"my model: bad scale {float(scale) * 0:.0f}")
+
+    with pytest.raises(ValueError, match="my model: bad scale 0") as info:
+        bf.fit(model, small.inputs, small.y, num_steps=2, progress=False)
+    assert "Trace Shapes" in str(info.value)
 
 
 def test_more_chains_than_cpus_is_refused(small, monkeypatch):

@@ -121,7 +121,14 @@ def test_plots_write_pngs(fits, tmp_path):
     assert isinstance(axes, np.ndarray) and fig is axes[0].figure
     assert axes[0].get_title() == "sorted relevance (90% HDI)"
     assert len(axes[0].lines) + len(axes[0].collections) > 0  # the intervals are on axes[0]
-    bf.plot_relevance_forest(res, tmp_path / "lam.png", var="rank_scale_sorted")
+    fig, axes = bf.plot_relevance_forest(res, tmp_path / "lam.png", var="rank_scale_sorted")
+    # rows labelled "layer #k" in the label column, no variable names or dim headers left over
+    shown = [t.get_text() for ax in axes for t in list(ax.get_yticklabels()) + ax.texts]
+    shown += [t.get_text() for ax in axes for t in ax.get_xticklabels()]
+    rows = sorted(t for t in shown if t.startswith("layer #"))
+    assert rows == [f"layer #{k}" for k in range(1, 6)]
+    assert not [t for t in shown if "sorted" in t or t in ("variable", "layer_rank")], shown
+    assert axes[0].get_xlabel() == "rank scale lambda (sorted per draw)"
     bf.plot_elbo(res, paths["elbo"])
     for path in list(paths.values()) + [tmp_path / "lam.png"]:
         assert path.exists() and path.stat().st_size > 1000, path
@@ -133,7 +140,7 @@ def test_rank_summary_text(fits, capsys):
     text = bf.rank_summary(fits[0][5])
     printed = capsys.readouterr().out
     assert text in printed
-    assert "rank  P(rank)" in text and "effective rank: mean" in text
+    assert "rank  P(rank)" in text and "effective rank: mode" in text
     assert "parameters: full" in text and "pruned (rank 2)" in text
 
 

@@ -5,6 +5,7 @@ method builds on these."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import random
 
 import numpy as np
@@ -110,18 +111,46 @@ def slice_rows(obj, index, rows: int | None = None):
     return obj
 
 
-def check_args_finite(obj, name: str = "args") -> None:
+def argument_names(model, count: int) -> list[str]:
+    """The names of the first ``count`` positional arguments of ``model`` (its ``forward`` for
+    a module), as a user wrote them (``inputs``, ``y``); ``args[i]`` where none is known."""
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for param in params:
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            names.append(param.name)
+        elif param.kind == param.VAR_POSITIONAL:
+            names.extend(f"{param.name}[{j}]" for j in range(count - len(names)))
+            break
+    names = names[:count]
+    return names + [f"args[{i}]" for i in range(len(names), count)]
+
+
+def check_args_finite(args: tuple, model=None) -> None:
     """Refuse NaN/inf in any floating tensor of the (nested) model arguments.
 
-    :raises ValueError: naming the argument path (e.g. ``args[1]``) and the count.
+    :param args: the model's positional arguments.
+    :param model: the model, whose signature names the arguments (``inputs[0]``, ``y``).
+    :raises ValueError: naming the argument path (e.g. ``inputs[0]``; ``args[1]`` without a
+        model) and the count.
     """
+    names = argument_names(model, len(args)) if model is not None else None
+    for i, item in enumerate(args):
+        _check_finite_nested(item, names[i] if names else f"args[{i}]")
+
+
+def _check_finite_nested(obj, name: str) -> None:
     if isinstance(obj, Tensor):
         if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
             bad = int((~torch.isfinite(obj)).sum())
             raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
     elif isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
-            check_args_finite(item, f"{name}[{i}]")
+            _check_finite_nested(item, f"{name}[{i}]")
 
 
 def inspection_trace(model, *args, **kwargs):

@@ -1,8 +1,11 @@
-"""Numerical trouble during a fit: the error that stops training, the diagnosis that names the
-offending sites, and the warning for a layer whose components all collapsed."""
+"""Trouble during a fit: the error that stops training on a non-finite loss, the diagnosis that
+names the offending sites, the warning for a layer whose components all collapsed, and our own
+input errors kept free of the shape table Pyro's tracer appends to them."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 
 import pyro
@@ -12,7 +15,15 @@ from pyro import poutine
 from ..layers.base import rank_layers
 from ..rank import effective_rank_draws
 
-__all__ = ["NonFiniteLossError", "non_finite_error", "refused_non_finite", "warn_on_collapse"]
+__all__ = [
+    "NonFiniteLossError",
+    "non_finite_error",
+    "refused_non_finite",
+    "warn_on_collapse",
+    "without_trace_shapes",
+]
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -23,6 +34,38 @@ def refused_non_finite(exc: ValueError) -> bool:
     """Whether ``exc`` is Pyro's validation refusing NaN/inf distribution parameters (how a
     non-finite loss shows up with validation on, before any loss is computed)."""
     return "invalid values" in str(exc)
+
+
+def _raised_in_package(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by this package's own code (its innermost frame)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
+
+
+@contextlib.contextmanager
+def without_trace_shapes():
+    """Re-raise the package's own errors as they were raised. Pyro's tracer re-raises a
+    ``ValueError`` / ``RuntimeError`` from inside a model with its "Trace Shapes:" table appended
+    (once per nested trace); for our input checks -- which already name the argument, what was
+    expected and what was given -- that table buries the message. Errors from a user's own
+    model code keep it. Usable as a decorator."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:
+        root = exc
+        while (
+            "Trace Shapes:" in str(root)
+            and root.__cause__ is not None
+            and type(root.__cause__) is type(root)
+        ):
+            root = root.__cause__
+        if root is not exc and _raised_in_package(root):
+            raise root.with_traceback(root.__traceback__) from None
+        raise
 
 
 def _find_bad_sites(model, guide, args) -> list[str]:

@@ -16,7 +16,9 @@ from .._checks import check_positive_int
 from .._version import __version__
 from ..models import Classifier
 from .data import model_latent_shapes, sample_guide, seeded, slice_rows
-from .mcmc.diagnostics import invariant_draws, r_hat_and_ess
+from .faults import without_trace_shapes
+from .mcmc.convergence import MAX_R_HAT, convergence_problems, r_hat_and_ess
+from .mcmc.diagnostics import invariant_draws
 from .persist import CHECKPOINT_FORMAT, read_state, save_state
 from .svi.guides import make_guide
 
@@ -187,6 +189,7 @@ class FitResult:
             return draws
         return {k: v.reshape((-1,) + v.shape[2:]) for k, v in draws.items()}
 
+    @without_trace_shapes()
     def predictive(
         self,
         *args,
@@ -213,6 +216,7 @@ class FitResult:
             parts = list(self.predictive_chunks(draws, args, sites, chunk_size))
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
+    @without_trace_shapes()
     def predict(
         self,
         *args,
@@ -304,7 +308,9 @@ class FitResult:
             raise ValueError(
                 f"diagnostics: expected an MCMC (guide='nuts') result, got method={self.method!r}"
             )
-        quantities = invariant_draws(self.model, self.mcmc_samples)
+        quantities = invariant_draws(
+            self.model, self.mcmc_samples, self.args[0] if self.args else None
+        )
         if args:
             quantities["predictive_mean"] = self._chain_predictive_means(args)
         r_hat, ess = {}, {}
@@ -313,7 +319,7 @@ class FitResult:
                 r_hat[name], ess[name] = r_hat_and_ess(value)
         divergences = self.info.get("divergences", [])
         out = {"divergences": divergences, "r_hat": r_hat, "ess": ess}
-        bad = {k: v for k, v in r_hat.items() if not v <= 1.01}
+        bad = {k: v for k, v in r_hat.items() if not v <= MAX_R_HAT}
         if bad or sum(divergences):
             warnings.warn(
                 f"MCMC diagnostics: {sum(divergences)} divergent transitions; r-hat > 1.01 "
@@ -323,6 +329,27 @@ class FitResult:
                 stacklevel=2,
             )
         return out
+
+    def convergence_problems(self, quantities: dict[str, Tensor]) -> list[str]:
+        """Which convergence checks fail for ``quantities`` computed from this MCMC fit's draws
+        (name -> ``(chains * draws, ...)``, chain-major as :meth:`get_samples` flattens them):
+        r-hat > 1.01, ESS < 100, divergent transitions (see
+        :mod:`~bayes_fusion.infer.mcmc.convergence`). Empty for SVI results.
+
+        :raises ValueError: when a quantity does not hold one value per draw of the fit.
+        """
+        if not self.is_mcmc:
+            return []
+        chains, per_chain = next(iter(self.mcmc_samples.values())).shape[:2]
+        by_chain = {}
+        for name, value in quantities.items():
+            if value.shape[0] != chains * per_chain:
+                raise ValueError(
+                    f"quantities: expected {chains * per_chain} draws ({chains} chains x "
+                    f"{per_chain}) of {name!r}, got {value.shape[0]}"
+                )
+            by_chain[name] = value.reshape((chains, per_chain) + value.shape[1:])
+        return convergence_problems(by_chain, self.info.get("divergences", []))
 
     def _predictive_draws(
         self, draws: dict[str, Tensor], args: tuple, chunk_size: int = 100, observations=False

@@ -181,6 +181,25 @@ class RankLayer(PyroModule):
         input checks (``forward`` checks, samples, then applies)."""
         raise NotImplementedError
 
+    def component_terms(self, values: dict[str, Tensor], inputs) -> tuple[Tensor, Tensor]:
+        """Each component's contribution to the output as a rank-one product: component ``k``
+        adds ``scores[..., n, k] * loadings[..., p, k]`` to output ``p`` of row ``n`` (the
+        bias and main effects are not components). The effective rank weighs these terms
+        against the noise (:func:`bayes_fusion.rank.component_information`).
+
+        :param values: short site name -> value with leading draw dims ``(..., *event)``.
+        :param inputs: the layer's (checked) input rows.
+        :returns: ``(scores, loadings)``, shapes ``(..., N, K)`` and ``(..., P, K)``.
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def noise_information(self) -> float:
+        """The information (:func:`bayes_fusion.rank.component_information`) a component fitted
+        to noise alone typically reaches: the effective rank weighs each component's
+        information in these units, so that a component counts for the signal it carries beyond
+        what its parameters could fit in pure noise."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
     def _scaled_prior(self, scales: Tensor, rows: int) -> dist.TorchDistribution:
         """Prior of a ``(rows, R)`` factor whose column ``r`` is ``Normal(0, lambda_r + eps)``."""
         std = (scales + self.scale_floor).unsqueeze(-2)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_finite, check_float_tensor, check_positive_float, check_positive_int
-from ..ops.cp import cp_component_norms, cp_fusion, cp_main_effects
+from ..ops.cp import cp_component_norms, cp_fusion, cp_main_effects, cp_project
 from .base import RankLayer, to_op_layout, validation_enabled
 
 
@@ -280,6 +280,24 @@ class CPFusion(RankLayer):
         """
         factors = [values[f"factor_{m}"] for m in range(self.num_modalities)]
         return cp_component_norms(factors, values["out_factor"])
+
+    def component_terms(
+        self, values: dict[str, Tensor], inputs: Sequence[Tensor | None]
+    ) -> tuple[Tensor, Tensor]:
+        """Component ``r``'s term is ``prod_m (x~_m U_m)[n, r] * U_out[p, r]``: scores
+        ``(..., N, R)`` (the product of the modality projections; a missing modality gives one
+        row) and loadings ``U_out`` ``(..., P, R)``. See :meth:`RankLayer.component_terms`."""
+        scores = None
+        for m, x in enumerate(inputs):
+            proj = cp_project(x, values[f"factor_{m}"], self.append_one)
+            scores = proj if scores is None else scores * proj
+        return scores, values["out_factor"]
+
+    def noise_information(self) -> float:
+        """``sum_m d~_m + P - M``, a component's degrees of freedom (the entries of its factor
+        columns less the ``M`` scale trades between its ``M + 1`` factors): a least-squares
+        fit of a linear model to noise gains one unit of information per free parameter."""
+        return float(sum(self.factor_rows()) + self.out_features - self.num_modalities)
 
     def num_parameters(self, rank: int | None = None) -> int:
         """Number of weights of a deterministic layer at ``rank`` (default ``max_rank``)."""

@@ -35,7 +35,8 @@ class DeterministicCPFusion(nn.Module):
 
     :param in_features: feature sizes ``(d_1, ..., d_M)``.
     :param out_features: output size ``P``.
-    :param rank: number of CP components ``R``.
+    :param rank: number of CP components ``R`` (``0``: main effects and bias alone, what
+        pruning a layer whose posterior has no component gives).
     :param append_one: append the constant 1 to every modality.
     :param bias: whether to learn a bias.
     :param main_effects: whether to learn linear main effects ``V`` (initialised at 0).
@@ -63,7 +64,7 @@ class DeterministicCPFusion(nn.Module):
             check_positive_int(f"in_features[{m}]", d) for m, d in enumerate(in_features)
         )
         self.out_features = check_positive_int("out_features", out_features)
-        self.rank = check_positive_int("rank", rank)
+        self.rank = check_positive_int("rank", rank, minimum=0)
         self.append_one = bool(append_one)
         kw = {"dtype": dtype, "device": device}
         rows = [d + int(self.append_one) for d in self.in_features]
@@ -71,7 +72,7 @@ class DeterministicCPFusion(nn.Module):
             [nn.Parameter(torch.randn(r, self.rank, **kw) / math.sqrt(r)) for r in rows]
         )
         self.out_factor = nn.Parameter(
-            torch.randn(self.out_features, self.rank, **kw) / math.sqrt(self.rank)
+            torch.randn(self.out_features, self.rank, **kw) / math.sqrt(max(self.rank, 1))
         )
         self.weights = nn.Parameter(torch.ones(self.rank, **kw))
         self.bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if bias else None
@@ -190,7 +191,8 @@ class DeterministicXOXLinear(nn.Module):
     :param genes: bottleneck size ``G``; ``None``: :func:`bayes_fusion.ops.default_genes`, the
         most genes whose factors hold at most a quarter of the dense weight's entries. More
         factored weights than the dense layer has warn
-        (:class:`~bayes_fusion.layers.base.ParameterBudgetWarning`).
+        (:class:`~bayes_fusion.layers.base.ParameterBudgetWarning`). ``0``: ``W = 0``, the layer
+        outputs its bias (what pruning a layer whose posterior has no gene gives).
     :param bias: whether to learn a bias (initialised like ``nn.Linear``'s).
     :param init: target std of ``W``: ``"kaiming"`` (normal, fan-in, gain sqrt(2): ``sqrt(2 /
         in)``), ``"xavier"`` (normal, gain 1) or ``"linear"`` (``1 / sqrt(3 in)``, the std of
@@ -225,7 +227,7 @@ class DeterministicXOXLinear(nn.Module):
         self.out_features = check_positive_int("out_features", out_features)
         if genes is None:
             genes = default_genes(self.in_features, self.out_features)
-        self.genes = check_positive_int("genes", genes)
+        self.genes = check_positive_int("genes", genes, minimum=0)
         self.order = check_choice("order", order, ORDERS)
         check_choice("init", init, INIT_TARGETS)
         warn_if_larger_than_dense(
@@ -234,13 +236,14 @@ class DeterministicXOXLinear(nn.Module):
             in_features * out_features,
         )
         kw = {"dtype": dtype, "device": device}
-        std_x = 1.0 / math.sqrt(3 * genes)
-        std_core = 1.0 / genes
+        std_x = 1.0 / math.sqrt(3 * max(genes, 1))
+        std_core = 1.0 / max(genes, 1)
         self.x_in = nn.Parameter(torch.randn(in_features, genes, **kw) * std_x)
         self.core = nn.Parameter(torch.randn(genes, genes, **kw) * std_core)
         self.x_out = nn.Parameter(torch.randn(out_features, genes, **kw) * std_x)
         scale = torch.tensor(
-            xox_init_scale(in_features, out_features, genes, std_x, std_core, std_x, init), **kw
+            xox_init_scale(in_features, out_features, max(genes, 1), std_x, std_core, std_x, init),
+            **kw,
         )
         if learn_scale:
             self.scale = nn.Parameter(scale)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from torch import Tensor
@@ -243,6 +245,23 @@ class XOXLinear(RankLayer):
             "x_out": x_out,
             "scale": 1.0,
         }
+
+    def component_terms(self, values: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        """The components are ``W``'s singular directions (as for :meth:`relevance`): with
+        ``W = U S V^T``, direction ``k`` adds ``(x . v_k) s_k u_k``. Scores ``x V S^{1/2}``
+        ``(..., N, K)`` and loadings ``U S^{1/2}`` ``(..., out, K)``, ``K = max_rank``, from
+        :func:`~bayes_fusion.ops.xox_compact` (``W`` is never formed). See
+        :meth:`RankLayer.component_terms`."""
+        x_in, x_out = xox_compact(
+            values["x_in"], values["core"], values["x_out"], self.output_scale, self.max_rank
+        )
+        return torch.matmul(x, x_in), x_out
+
+    def noise_information(self) -> float:
+        """``(sqrt(in) + sqrt(out))^2``: a least-squares estimate of ``W`` from pure noise has
+        its largest singular value at the Marchenko-Pastur edge, which is this much information
+        (between one and two units per free parameter of a singular direction)."""
+        return (math.sqrt(self.in_features) + math.sqrt(self.out_features)) ** 2
 
     def num_parameters(self, rank: int | None = None) -> int:
         """Number of weights of a deterministic XOX layer with ``rank`` genes."""

@@ -153,10 +153,16 @@ CONSTRUCTOR_CASES = [
         r"order: expected one of",
     ),
     (
-        "det rank 0",
-        lambda: bf.DeterministicCPFusion(SIZES, 2, 0),
+        "det rank -1",
+        lambda: bf.DeterministicCPFusion(SIZES, 2, -1),
         ValueError,
-        r"rank: expected an integer >= 1",
+        r"rank: expected an integer >= 0, got -1",
+    ),
+    (
+        "det genes -1",
+        lambda: bf.DeterministicXOXLinear(4, 2, -1),
+        ValueError,
+        r"genes: expected an integer >= 0, got -1",
     ),
     (
         "det xox init",

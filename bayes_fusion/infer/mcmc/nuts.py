@@ -16,6 +16,7 @@ from pyro.poutine.util import site_is_subsample
 from ..._checks import check_choice, check_positive_int
 from ...layers.base import rank_layers
 from ..data import check_args_finite, inspection_trace, seeded
+from ..faults import without_trace_shapes
 from ..result import FitResult
 from .chains import defined_in_main, kernel_settings, run_chains
 from .output_marginal import NonConjugateError, OutputMarginal, supports_output_marginal
@@ -54,6 +55,7 @@ class NUTSOptions:
     full_mass: str | bool
 
 
+@without_trace_shapes()
 def fit_nuts(
     model,
     *args,
@@ -136,7 +138,7 @@ def fit_nuts(
             stacklevel=2,
         )
         jit = jit_compile
-    check_args_finite(args)
+    check_args_finite(args, model)
     _check_continuous_latents(model, args)
     options = _checked_options(
         model,

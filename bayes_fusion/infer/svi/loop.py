@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..._checks import check_choice, check_positive_float, check_positive_int
 from ...layers.base import layer_init_values
 from ..data import check_args_finite, intra_op_threads, num_rows, seeded
-from ..faults import non_finite_error, warn_on_collapse
+from ..faults import non_finite_error, warn_on_collapse, without_trace_shapes
 from ..persist import read_state
 from ..result import FitResult
 from .batches import (
@@ -38,6 +38,7 @@ from .step import SVIStepper, default_optimizer
 __all__ = ["fit_svi"]
 
 
+@without_trace_shapes()
 def fit_svi(
     model,
     *args,
@@ -157,7 +158,7 @@ def fit_svi(
         checkpoint_every=checkpoint_every,
     )
     threads = intra_op_threads(num_threads)
-    check_args_finite(args)
+    check_args_finite(args, model)
     rows = num_rows(args)
     # the fit's own random streams, the model's dataset size as the caller left it, and a
     # private parameter-store scope (fits never collide by parameter name)

@@ -1,0 +1,219 @@
+"""The effective rank's information criterion: its pieces against dense computations (float64),
+known answers for every guide and likelihood (no interaction -> rank 0, known CP rank / XOX
+genes -> that rank), summaries that say what they are, and pruning that agrees with them."""
+
+import pyro
+import pytest
+import torch
+
+import bayes_fusion as bf
+from bayes_fusion.datasets import make_cp_classification, make_cp_regression, make_xox_regression
+from bayes_fusion.infer import FitResult
+from bayes_fusion.rank import component_information
+
+SIZES = (3, 4, 3)
+GUIDES = ["meanfield", "lowrank", "full"]
+
+
+def _draws(layer, count, seed=0):
+    """Random draws of a layer's sites (short names), ``(count, *event)``, float64."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for short, shape in layer.site_shapes().items():
+        out[short] = torch.randn((count,) + shape, generator=g, dtype=torch.float64)
+    out[layer.SCALE_SITE] = out[layer.SCALE_SITE].abs()
+    return out
+
+
+@pytest.mark.parametrize("main_effects", [False, True])
+def test_cp_component_terms_add_up_to_the_layer(main_effects):
+    layer = bf.CPFusion(SIZES, 2, max_rank=3, main_effects=main_effects).double()
+    values = _draws(layer, 4)
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(7, d, generator=g, dtype=torch.float64) for d in SIZES]
+    scores, loadings = layer.component_terms(values, inputs)
+    assert scores.shape == (4, 7, 3) and loadings.shape == (4, 2, 3)
+    terms = torch.einsum("snk,spk->snp", scores, loadings) + values["bias"].unsqueeze(-2)
+    if main_effects:  # the main effects are not components: add them back densely
+        x = torch.cat(inputs, -1)
+        terms = terms + torch.einsum("nd,spd->snp", x, values["main_effects"])
+    torch.testing.assert_close(terms, layer.apply(values, inputs))
+
+
+def test_xox_component_terms_are_the_singular_directions_of_the_dense_weight():
+    layer = bf.XOXLinear(6, 4, genes=3).double()
+    values = _draws(layer, 5)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    scores, loadings = layer.component_terms(values, x)
+    assert scores.shape == (5, 9, 3) and loadings.shape == (5, 4, 3)
+    dense = layer.output_scale * values["x_out"] @ values["core"] @ values["x_in"].mT  # (S, 4, 6)
+    torch.testing.assert_close(
+        torch.einsum("snk,spk->snp", scores, loadings), torch.einsum("nd,spd->snp", x, dense)
+    )
+    # direction k is the rank-one term s_k u_k v_k^T of W: its norm is the k-th singular value
+    term = torch.einsum("spk,sdk->skpd", loadings, torch.linalg.pinv(x) @ scores)
+    singular = torch.linalg.svdvals(dense)[:, :3]
+    torch.testing.assert_close(torch.linalg.matrix_norm(term), singular)
+
+
+def _dense_information(layer, values, inputs, fisher):
+    """``sum_n c_nk^T H_n c_nk`` with every contribution and every ``H_n`` built densely."""
+    s_count = next(iter(values.values())).shape[0]
+    full = layer.apply(values, inputs)
+    out = torch.zeros(s_count, layer.max_rank, dtype=torch.float64)
+    for k in range(layer.max_rank):
+        without = dict(values)
+        without["out_factor"] = values["out_factor"].clone()
+        without["out_factor"][..., k] = 0.0
+        contribution = full - layer.apply(without, inputs)  # (S, N, P)
+        for s in range(s_count):
+            h = fisher(s, full[s])  # (N, P, P)
+            out[s, k] = torch.einsum("np,npq,nq->", contribution[s], h, contribution[s])
+    return out
+
+
+def test_information_is_the_fisher_weighted_contribution():
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(11, d, generator=g, dtype=torch.float64) for d in SIZES]
+    regressor = bf.Regressor(bf.CPFusion(SIZES, 2, max_rank=3)).double()
+    values = _draws(regressor.layer, 3)
+    noise = torch.rand(3, 2, generator=g, dtype=torch.float64) + 0.2
+    samples = {f"layer.{k}": v for k, v in values.items()} | {"noise": noise}
+
+    def gaussian(s, _):
+        return torch.diag(noise[s].pow(-2)).expand(11, 2, 2)
+
+    torch.testing.assert_close(
+        component_information(regressor, regressor.layer, samples, inputs),
+        _dense_information(regressor.layer, values, inputs, gaussian),
+    )
+    classifier = bf.Classifier(bf.CPFusion(SIZES, 4, max_rank=3)).double()
+    values = _draws(classifier.layer, 3)
+
+    def categorical(_, logits):
+        p = logits.softmax(-1)
+        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+    samples = {f"layer.{k}": v for k, v in values.items()}
+    torch.testing.assert_close(
+        component_information(classifier, classifier.layer, samples, inputs),
+        _dense_information(classifier.layer, values, inputs, categorical),
+    )
+
+
+def _linear_views(rows, out, seed):
+    """Views ``x_m ~ N(0, I)`` and a standardized linear predictor: no interaction at all."""
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(rows, d, generator=g) for d in SIZES]
+    eta = torch.cat(views, -1) @ torch.randn(sum(SIZES), out, generator=g)
+    return views, eta / eta.std(), g
+
+
+def _known_answer_data(likelihood, truth):
+    """``(model, inputs, y)``: no interaction (``truth = 0``, main effects on: the linear term
+    is theirs) or an append-one CP fusion of rank ``truth`` (main effects off: with them the
+    interaction part of an append-one CP term has another rank)."""
+    if likelihood == "gaussian":
+        if truth == 0:
+            views, eta, g = _linear_views(300, 2, 0)
+            y = eta + 0.2 * torch.randn(eta.shape, generator=g)
+        else:
+            data = make_cp_regression(SIZES, 2, rank=truth, num_data=300, noise=0.2, seed=0)
+            views, y = data.inputs, data.y
+        layer = bf.CPFusion(SIZES, 2, max_rank=4, main_effects=truth == 0)
+        return bf.Regressor(layer), views, y
+    if truth == 0:
+        views, eta, g = _linear_views(400, 3, 0)
+        y = torch.multinomial((3 * eta).softmax(-1), 1, generator=g).squeeze(-1)
+    else:
+        data = make_cp_classification(SIZES, 3, rank=truth, num_data=400, logit_scale=4.0)
+        views, y = data.inputs, data.y
+    layer = bf.CPFusion(SIZES, 3, max_rank=4, main_effects=truth == 0)
+    return bf.Classifier(layer), views, y
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+@pytest.mark.parametrize("truth", [0, 2])
+@pytest.mark.parametrize("likelihood", ["gaussian", "categorical"])
+def test_cp_rank_posterior_holds_the_true_rank(likelihood, truth, guide):
+    model, views, y = _known_answer_data(likelihood, truth)
+    res = bf.fit(model, views, y, guide=guide, num_steps=1000, progress=False)
+    samples = res.posterior_draws(200)
+    rp = bf.rank_posterior(res, samples=samples)["layer"]
+    lo, hi = rp.hdi
+    assert rp.criterion == "information" and rp.source == "variational"
+    assert lo <= truth <= hi, f"{guide}: P(rank) {rp.probs.tolist()}, true rank {truth}"
+    assert abs(float(rp.m_eff.mean()) - truth) < 0.75, float(rp.m_eff.mean())
+    pruned = bf.prune(res, samples=samples)
+    info = pruned.layers["layer"]
+    assert info["rank"] == rp.mode and lo <= info["rank"] <= hi
+    assert info["params_after"] <= info["params_before"]
+    assert pruned.module.rank == info["rank"]
+    with torch.no_grad():  # the dropped components carried nothing at the point pruned
+        full = pyro.poutine.condition(res.model.layer, pruned.values)(views)
+        small = pruned.module(views)
+    assert float((small - full).pow(2).mean().sqrt() / full.pow(2).mean().sqrt()) < 0.02
+
+
+@pytest.mark.parametrize("guide", GUIDES)
+def test_xox_rank_posterior_holds_the_true_genes(guide):
+    data = make_xox_regression(12, 8, genes=2, num_data=300, noise=0.1, seed=0)
+    model = bf.Regressor(bf.XOXLinear(12, 8, genes=6))
+    res = bf.fit(model, data.inputs, data.y, guide=guide, num_steps=1500, progress=False)
+    samples = res.posterior_draws(200)
+    rp = bf.rank_posterior(res, samples=samples)["layer"]
+    lo, hi = rp.hdi
+    assert lo <= 2 <= hi and rp.mode == 2, f"{guide}: P(rank) {rp.probs.tolist()}"
+    pruned = bf.prune(res, samples=samples).layers["layer"]
+    assert pruned["rank"] == 2 and pruned["params_after"] < pruned["params_before"]
+    # the old relative criterion, kept as an option, on the same draws
+    relative = bf.rank_posterior(res, samples=samples, criterion="relative")["layer"]
+    assert relative.criterion == "relative" and relative.m_eff is None
+
+
+@pytest.fixture(scope="module")
+def rank_two_fits():
+    model, views, y = _known_answer_data("gaussian", 2)
+    fits = {}
+    for guide in ("map", "meanfield"):
+        fits[guide] = bf.fit(model, views, y, guide=guide, num_steps=1000, progress=False)
+    return fits
+
+
+def test_a_map_fit_reports_a_point_estimate(rank_two_fits, tmp_path):
+    res = rank_two_fits["map"]
+    rp = bf.rank_posterior(res)["layer"]
+    assert rp.is_point and rp.source == "point"
+    text = bf.rank_summary(res, print_it=False)
+    assert "MAP point estimate" in text and "P(rank)" not in text
+    assert f"rank (point estimate): {rp.mode}" in text
+    fig, axes = bf.plot_rank_posterior(res, tmp_path / "rank.png")
+    assert "MAP point estimate" in axes[0][0].get_title(loc="left")
+
+
+def test_a_variational_fit_is_labelled_as_its_guides(rank_two_fits):
+    text = bf.rank_summary(rank_two_fits["meanfield"], print_it=False)
+    assert "variational posterior (meanfield guide's approximation)" in text
+    assert "P(rank)" in text and "information criterion" in text
+    assert "pruned (rank 2)" in text and "m_eff" in text
+
+
+def test_failed_chain_diagnostics_reach_the_summary_and_the_plot(rank_two_fits):
+    """Two 'chains' that disagree on the rank (the second lost a component): the rank posterior,
+    the printed summary and the plot's title say that the diagnostics fail."""
+    svi = rank_two_fits["meanfield"]
+    first = svi.posterior_draws(100)
+    second = {k: v.clone() for k, v in svi.posterior_draws(100).items()}
+    strongest = bf.prune(svi, samples=first).layers["layer"]["kept"][0]
+    second["layer.out_factor"][..., strongest] = 0.0
+    draws = {k: torch.stack([first[k], second[k]]) for k in first}
+    mcmc = FitResult(
+        svi.model, None, "nuts", svi.args, mcmc_samples=draws, info={"divergences": [0, 3]}
+    )
+    rp = bf.rank_posterior(mcmc)["layer"]
+    assert rp.source == "mcmc" and rp.warning is not None
+    assert "3 divergent transitions" in rp.warning and "r-hat" in rp.warning
+    text = bf.rank_summary(mcmc, print_it=False)
+    assert "WARNING: MCMC diagnostics fail" in text
+    fig, axes = bf.plot_rank_posterior(mcmc)
+    assert any("WARNING" in t.get_text() for t in axes[0][0].texts)
