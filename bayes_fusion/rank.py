@@ -5,24 +5,28 @@ the data can tell from zero. Component ``k`` adds ``scores[n, k] * loadings[p, k
 model's output (:meth:`~bayes_fusion.layers.base.RankLayer.component_terms`); its
 **information**
 
-    ``a_k = sum_n c_nk^T H_n c_nk``
+    ``a_k = 2 sum_n KL(p(y | eta_n) || p(y | eta_n - c_nk))``
 
-weighs that contribution ``c_nk`` over the training rows by the likelihood's Fisher
-information ``H_n`` at the draw (regression: ``diag(1 / sigma^2)``; classification:
-``diag(pi_n) - pi_n pi_n^T``): ``sqrt(a_k)`` is the component's whole-data signal in noise
-standard deviations, and ``a_k / 2`` is (to second order) the log-likelihood the fit would lose
-without it. Following the horseshoe literature (Piironen & Vehtari 2017), the shrinkage factor
-``kappa_k = 1 / (1 + a_k)`` says how far the component sits from the data's answer towards the
-prior's zero; a component counts when ``1 - kappa_k > threshold`` (default ``0.5``: the data
-outweigh the shrinkage), and ``m_eff = sum_k (1 - kappa_k)`` is the continuous effective number
-of components reported beside the integer rank. Noise, main effects and tiny components are
-thus weighed on one absolute scale: a model with no interaction has rank 0 however its
-components compare with each other. It needs the likelihood, so it applies to a rank layer that
-produces the predictions of a :class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier`
-(``model.layer``).
+is the deviance the fitted model expects the data to show against its own predictions ``eta``
+without the component: for regression exactly ``sum_n |c_nk|^2 / sigma^2``, for classification
+the categorical KL of the two softmaxes (to second order ``c^T H c`` with the Fisher
+information ``H = diag(pi) - pi pi^T``; exact where the fit is confident and ``H`` vanishes).
+Akaike's rule prices a component at its free parameters ``nu_k``
+(:meth:`~bayes_fusion.layers.base.RankLayer.component_dof`), so with ``s_k = a_k / (2 nu_k)``
+the shrinkage factor of the horseshoe literature (Piironen & Vehtari 2017) is
+``kappa_k = 1 / (1 + s_k)``; a component counts when ``1 - kappa_k > threshold`` (default
+``0.5``: the log-likelihood it adds exceeds its parameters' price, the data outweigh the
+shrinkage), and ``m_eff = sum_k (1 - kappa_k)`` is the continuous effective number of components
+reported beside the integer rank. Noise, main effects and tiny components are thus weighed on
+one absolute scale: a model with no interaction has rank 0 however its components compare with
+each other. It needs the likelihood, so it applies to the rank layers of a
+:class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier`: for ``model.layer`` in
+closed form, for a layer deeper inside by ablation (the model run without each component). A
+MAP point is counted by the relative criterion under ``"auto"``: its components fitted to noise
+are not shrunk away and carry their full information.
 
-``criterion="relative"`` (the fallback for hidden layers and user models, where no likelihood
-sits on the layer's output): a component counts when its **relevance** exceeds ``threshold``
+``criterion="relative"`` (the fallback for layers in a user's own model, whose likelihood the
+library does not know): a component counts when its **relevance** exceeds ``threshold``
 (default ``0.05``) times the draw's largest and an absolute floor (``floor_factor`` times the
 relevance of a component with every entry at the prior floor ``eps``). Relevance (default
 ``"norm"``): for CP fusion the Frobenius norm of component r's rank-one term
@@ -131,58 +135,151 @@ def active_components(
 
 
 def information_applies(model, layer: RankLayer) -> bool:
-    """Whether the information criterion applies to ``layer``: it produces the predictions of
-    a :class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier` (``model.layer``),
-    so the likelihood's Fisher information sits on its output."""
-    return isinstance(model, (Regressor, Classifier)) and model.layer is layer
+    """Whether the information criterion applies to ``layer``: it is a rank layer of a
+    :class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier`, whose likelihood's
+    Fisher information weighs the predictions (the layer itself, ``model.layer``, or a layer
+    inside it, e.g. the hidden layer of an MLP)."""
+    return isinstance(model, (Regressor, Classifier)) and any(
+        found is layer for found in rank_layers(model).values()
+    )
+
+
+def _deviance_without(model, fitted: Tensor, without: Tensor, noise: Tensor | None) -> Tensor:
+    """``2 sum_n KL(p(y | fitted_n) || p(y | without_n))`` per draw, for predictions ``(s, N,
+    P)``: the deviance the data would show, on average under the fitted model, against the
+    predictions without a component. Regression (``noise`` ``(s, P)``): ``sum (fitted -
+    without)^2 / sigma^2``; classification: the categorical KL of the two softmaxes (where the
+    fit is confident its curvature vanishes, so a local quadratic would miss what is lost)."""
+    if isinstance(model, Regressor):
+        return ((fitted - without).pow(2) * noise.pow(-2).unsqueeze(-2)).sum((-1, -2))
+    log_p, log_q = fitted.log_softmax(-1), without.log_softmax(-1)
+    return 2.0 * (log_p.exp() * (log_p - log_q)).sum((-1, -2))
 
 
 def component_information(
-    model, layer: RankLayer, samples: dict[str, Tensor], inputs, chunk_size: int = 100
+    model,
+    layer: RankLayer,
+    samples: dict[str, Tensor],
+    inputs,
+    chunk_size: int = 100,
+    result=None,
 ) -> Tensor:
-    """The information ``a_k = sum_n c_nk^T H_n c_nk`` of each component per draw (see the
-    module docstring): its contribution ``c_nk`` to the predictions over the rows of ``inputs``
-    weighed by the likelihood's Fisher information ``H_n`` at the draw.
+    """The information ``a_k = 2 sum_n KL(p(y | eta_n) || p(y | eta_n - d_nk))`` of each
+    component per draw (see the module docstring): the deviance the fitted model expects the
+    data to show against its own predictions ``eta`` without component ``k``, whose removal
+    changes them by ``d_nk`` over the rows of ``inputs`` (to second order ``d^T H d`` with the
+    Fisher information ``H``; regression: exactly ``sum d^2 / sigma^2``). For ``model.layer``
+    the change is the component's term ``c_nk`` itself; for a layer deeper inside the model the
+    model is run on the draws without each component in turn (its ablation: ``K + 1`` batched
+    runs per ``chunk_size`` draws).
 
-    :param model: the :class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier`
-        whose ``layer`` is ``layer``.
+    :param model: a :class:`~bayes_fusion.Regressor` / :class:`~bayes_fusion.Classifier`
+        holding ``layer``.
     :param samples: draws, full site name -> ``(S, ...)`` (a ``Regressor``'s include
-        ``noise`` ``(S, P)``).
+        ``noise`` ``(S, P)``; a deeper layer's: every latent site of the model).
     :param inputs: the training inputs (``(N, d)`` tensor or list of them).
     :param chunk_size: draws per batch (memory ``chunk_size * N * K``).
+    :param result: the :class:`~bayes_fusion.FitResult` of ``model`` (runs the model on the
+        draws; needed for a layer other than ``model.layer``).
     :returns: ``(S, K)`` float64, ``K`` the layer's components (XOX: ``max_rank``).
     :raises ValueError: when the criterion does not apply (:func:`information_applies`).
     """
     if not information_applies(model, layer):
         raise ValueError(
-            f"model: the information criterion needs the rank layer to produce the predictions "
-            f"of a Regressor or Classifier (model.layer), got {type(model).__name__}; use "
-            "criterion='relative'"
+            f"model: the information criterion needs a rank layer of a Regressor or "
+            f"Classifier, got {type(model).__name__}; use criterion='relative'"
         )
-    own = layer_draws(layer, samples)
-    total = next(iter(own.values())).shape[0]
     if isinstance(model, Regressor) and "noise" not in samples:
         raise ValueError(f"samples: expected draws of site 'noise', got {sorted(samples)}")
+    if model.layer is not layer:
+        if result is None:
+            raise ValueError(
+                "result: the information of a layer inside model.layer needs the fit result "
+                "(to run the model without each component), got None"
+            )
+        return _ablation_information(result, layer, samples, inputs, chunk_size)
+    own = layer_draws(layer, samples)
+    total = next(iter(own.values())).shape[0]
     out = []
     for start in range(0, total, chunk_size):
         values = {k: v[start : start + chunk_size].detach() for k, v in own.items()}
-        scores, loadings = layer.component_terms(values, inputs)  # (s, N, K), (s, P, K)
-        if isinstance(model, Regressor):
-            precision = samples["noise"][start : start + chunk_size].detach().pow(-2)  # (s, P)
-            per_row = (loadings.pow(2) * precision.unsqueeze(-1)).sum(-2).unsqueeze(-2)
-        else:  # w^T (diag(pi) - pi pi^T) w: the variance of the loadings under pi_n
-            with torch.no_grad():
-                probs = layer.apply(values, inputs).softmax(-1)  # (s, N, C)
-            per_row = probs @ loadings.pow(2) - (probs @ loadings).pow(2)
-        out.append((scores.pow(2) * per_row).sum(-2).double())
+        noise = (
+            samples["noise"][start : start + chunk_size].detach() if "noise" in samples else None
+        )
+        with torch.no_grad():
+            fitted = layer.apply(values, inputs)  # (s, N, P)
+            scores, loadings = layer.component_terms(values, inputs)  # (s, N, K), (s, P, K)
+            info = []
+            for k in range(scores.shape[-1]):
+                term = scores[..., k].unsqueeze(-1) * loadings[..., k].unsqueeze(-2)
+                info.append(_deviance_without(model, fitted, fitted - term, noise))
+        out.append(torch.stack(info, -1).double())
     return torch.cat(out)
 
 
-def _resolve_criterion(criterion: str, model, layer: RankLayer, inputs) -> str:
+def _ablation_information(result, layer, samples, inputs, chunk_size: int) -> Tensor:
+    """:func:`component_information` of a layer inside the model: per chunk of draws, the
+    model's predictions as fitted and with each component subtracted from the layer's output
+    (a forward hook), compared by :func:`_deviance_without`."""
+    removed: dict = {}
+
+    def without_component(module, args, output):
+        if not removed:
+            return None
+        x = args[0]
+        x = [_op_rows(v) for v in x] if isinstance(x, (list, tuple)) else _op_rows(x)
+        scores, loadings = module.component_terms(removed["values"], x)
+        k = removed["k"]
+        term = scores[..., k].unsqueeze(-1) * loadings[..., k].unsqueeze(-2)  # (s, N, P)
+        if term.numel() != output.numel():  # Predictive's first, unbatched look at the model
+            return None
+        return output - term.reshape(output.shape)
+
+    model = result.model
+    total = next(iter(samples.values())).shape[0]
+    out = []
+    handle = layer.register_forward_hook(without_component)
+    try:
+        for start in range(0, total, chunk_size):
+            chunk = {k: v[start : start + chunk_size].detach() for k, v in samples.items()}
+            n = next(iter(chunk.values())).shape[0]
+            removed.clear()
+            fitted = _predictions(result, chunk, inputs, n)
+            noise = chunk.get("noise")
+            info = []
+            for k in range(layer.max_rank):
+                removed.update(values=layer_draws(layer, chunk), k=k)
+                without = _predictions(result, chunk, inputs, n)
+                info.append(_deviance_without(model, fitted, without, noise))
+            out.append(torch.stack(info, -1).double())
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def _op_rows(x: Tensor | None) -> Tensor | None:
+    """A layer input inside a run over draws, as ``(s or 1, N, d)``."""
+    return None if x is None else x.reshape((-1,) + tuple(x.shape[-2:]))
+
+
+def _predictions(result, chunk, inputs, n: int) -> Tensor:
+    """The model's predictions (its return value) at each draw of ``chunk``: ``(n, N, P)``."""
+    (out,) = result.predictive_chunks(chunk, (inputs,), ["_RETURN"], chunk_size=n)
+    pred = out["_RETURN"]
+    return pred.reshape((n,) + tuple(pred.shape[-2:]))
+
+
+def _resolve_criterion(criterion: str, model, layer: RankLayer, inputs, result) -> str:
+    """``"auto"``: information for the rank layers of a ``Regressor`` / ``Classifier`` fitted
+    with a posterior (a guide or MCMC); relative for a MAP point -- whose components fitted to
+    noise are not shrunk away and carry their full information -- and in other models."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
     if criterion == "auto":
-        applies = inputs is not None and information_applies(model, layer)
+        if result is not None and _source(result) == "point":
+            return "relative"
+        runnable = getattr(model, "layer", None) is layer or result is not None
+        applies = inputs is not None and runnable and information_applies(model, layer)
         return "information" if applies else "relative"
     return criterion
 
@@ -197,15 +294,16 @@ class _Counted:
     m_eff: Tensor | None  # (S,) sum of 1 - kappa (information criterion)
 
 
-def _count(layer, samples, threshold, kind, criterion, model, inputs) -> _Counted:
-    criterion = _resolve_criterion(criterion, model, layer, inputs)
+def _count(layer, samples, threshold, kind, criterion, model, inputs, result=None) -> _Counted:
+    criterion = _resolve_criterion(criterion, model, layer, inputs, result)
     threshold = _check_threshold(threshold, criterion)
     if criterion == "relative":
         active = active_components(layer, samples, threshold, kind)
         return _Counted(criterion, threshold, active, None)
     if inputs is None:
         raise ValueError("inputs: the information criterion needs the training inputs, got None")
-    signal = component_information(model, layer, samples, inputs) / layer.noise_information()
+    information = component_information(model, layer, samples, inputs, result=result)
+    signal = information / (2.0 * layer.component_dof())
     weight = signal / (1.0 + signal)  # 1 - kappa
     return _Counted(criterion, threshold, weight > threshold, weight.sum(-1))
 
@@ -219,6 +317,7 @@ def effective_rank_draws(
     criterion: str = "auto",
     model=None,
     inputs=None,
+    result=None,
 ) -> Tensor:
     """Effective rank per draw, shape ``(S,)`` (int64).
 
@@ -226,10 +325,13 @@ def effective_rank_draws(
         0.5) or relevance relative to the draw's largest (relative, default 0.05).
     :param kind: relevance of the relative criterion, ``"norm"`` or ``"scale"``.
     :param criterion: ``"information"``, ``"relative"`` or ``"auto"`` (information where
-        :func:`information_applies`, which needs ``model``; relative otherwise).
+        :func:`information_applies` and ``inputs`` -- and, for a layer inside ``model.layer``,
+        ``result`` -- are given; relative otherwise).
     :param model: the fitted model. :param inputs: its training inputs (information).
+    :param result: the fit (information of a layer inside ``model.layer``).
     """
-    return _count(layer, samples, threshold, kind, criterion, model, inputs).active.sum(-1)
+    counted = _count(layer, samples, threshold, kind, criterion, model, inputs, result)
+    return counted.active.sum(-1)
 
 
 def _hdi(values: Tensor, prob: float) -> tuple[Tensor, Tensor]:
@@ -381,15 +483,17 @@ def layer_rank_posterior(
     criterion: str = "auto",
     hdi_prob: float = 0.9,
     path: str = "",
+    result=None,
 ) -> RankPosterior:
     """The rank posterior of one layer from flat draws (no labels: see
     :func:`rank_posterior`).
 
     :param model: the fitted model. :param layer: one of its rank layers.
     :param samples: full site name -> ``(S, ...)``. :param inputs: the training inputs
-        (information criterion). Other parameters as :func:`rank_posterior`.
+        (information criterion). :param result: the fit (information of a layer inside
+        ``model.layer``). Other parameters as :func:`rank_posterior`.
     """
-    counted = _count(layer, samples, threshold, kind, criterion, model, inputs)
+    counted = _count(layer, samples, threshold, kind, criterion, model, inputs, result)
     ranks = counted.active.sum(-1)
     probs = torch.bincount(ranks, minlength=layer.max_rank + 1).double() / ranks.numel()
     relevance = relevance_draws(layer, samples, kind).sort(dim=-1, descending=True).values
@@ -425,8 +529,8 @@ def rank_posterior(
     :param kind: relevance of the relative criterion, ``"norm"`` or ``"scale"``.
     :param hdi_prob: mass of the highest-density interval of the rank.
     :param samples: precomputed posterior draws (site -> ``(S, ...)``) to use instead.
-    :param criterion: ``"auto"`` (information for the layer of a ``Regressor`` /
-        ``Classifier``, relative elsewhere), ``"information"`` or ``"relative"``.
+    :param criterion: ``"auto"`` (information for the rank layers of a ``Regressor`` /
+        ``Classifier``, relative in other models), ``"information"`` or ``"relative"``.
     :returns: layer path -> :class:`RankPosterior`, labelled with what it is (``source``)
         and, for MCMC, the diagnostics that failed on its invariant quantities.
     :raises ValueError: when the model has no rank-bearing layer or the posterior is empty.
@@ -442,7 +546,7 @@ def rank_posterior(
     out = {}
     for path, layer in layers.items():
         rp = layer_rank_posterior(
-            result.model, layer, samples, inputs, threshold, kind, criterion, hdi_prob, path
+            result.model, layer, samples, inputs, threshold, kind, criterion, hdi_prob, path, result
         )
         rp.source, rp.method = _source(result), result.method
         if result.is_mcmc:

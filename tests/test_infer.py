@@ -178,7 +178,7 @@ def test_fit_bad_arguments(small, kwargs, exc, match):
 def test_fit_refuses_nan_data(small):
     y = small.y.clone()
     y[3, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"args\[1\]: expected finite values, got 1 NaN"):
+    with pytest.raises(ValueError, match=r"y: expected finite values, got 1 NaN"):
         bf.fit(_model(), small.inputs, y, num_steps=2, progress=False)
 
 

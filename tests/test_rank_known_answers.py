@@ -9,7 +9,7 @@ import torch
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_classification, make_cp_regression, make_xox_regression
 from bayes_fusion.infer import FitResult
-from bayes_fusion.rank import component_information
+from bayes_fusion.rank import _ablation_information, component_information
 
 SIZES = (3, 4, 3)
 GUIDES = ["meanfield", "lowrank", "full"]
@@ -56,8 +56,9 @@ def test_xox_component_terms_are_the_singular_directions_of_the_dense_weight():
     torch.testing.assert_close(torch.linalg.matrix_norm(term), singular)
 
 
-def _dense_information(layer, values, inputs, fisher):
-    """``sum_n c_nk^T H_n c_nk`` with every contribution and every ``H_n`` built densely."""
+def _dense_information(layer, values, inputs, deviance):
+    """Per draw and component, ``deviance(s, full, without)`` between the layer's output and
+    its output with the component's output column zeroed (both computed densely)."""
     s_count = next(iter(values.values())).shape[0]
     full = layer.apply(values, inputs)
     out = torch.zeros(s_count, layer.max_rank, dtype=torch.float64)
@@ -65,14 +66,13 @@ def _dense_information(layer, values, inputs, fisher):
         without = dict(values)
         without["out_factor"] = values["out_factor"].clone()
         without["out_factor"][..., k] = 0.0
-        contribution = full - layer.apply(without, inputs)  # (S, N, P)
+        dropped = layer.apply(without, inputs)  # (S, N, P)
         for s in range(s_count):
-            h = fisher(s, full[s])  # (N, P, P)
-            out[s, k] = torch.einsum("np,npq,nq->", contribution[s], h, contribution[s])
+            out[s, k] = deviance(s, full[s], dropped[s])
     return out
 
 
-def test_information_is_the_fisher_weighted_contribution():
+def test_information_is_the_expected_deviance_without_the_component():
     g = torch.Generator().manual_seed(2)
     inputs = [torch.randn(11, d, generator=g, dtype=torch.float64) for d in SIZES]
     regressor = bf.Regressor(bf.CPFusion(SIZES, 2, max_rank=3)).double()
@@ -80,8 +80,8 @@ def test_information_is_the_fisher_weighted_contribution():
     noise = torch.rand(3, 2, generator=g, dtype=torch.float64) + 0.2
     samples = {f"layer.{k}": v for k, v in values.items()} | {"noise": noise}
 
-    def gaussian(s, _):
-        return torch.diag(noise[s].pow(-2)).expand(11, 2, 2)
+    def gaussian(s, full, dropped):  # 2 KL(N(full, sigma) || N(dropped, sigma)), row by row
+        return sum(((f - d) / noise[s]).pow(2).sum() for f, d in zip(full, dropped, strict=True))
 
     torch.testing.assert_close(
         component_information(regressor, regressor.layer, samples, inputs),
@@ -90,14 +90,29 @@ def test_information_is_the_fisher_weighted_contribution():
     classifier = bf.Classifier(bf.CPFusion(SIZES, 4, max_rank=3)).double()
     values = _draws(classifier.layer, 3)
 
-    def categorical(_, logits):
-        p = logits.softmax(-1)
-        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    def categorical(_, full, dropped):
+        kl = torch.distributions.kl_divergence(
+            torch.distributions.Categorical(logits=full),
+            torch.distributions.Categorical(logits=dropped),
+        )
+        return 2.0 * kl.sum()
 
     samples = {f"layer.{k}": v for k, v in values.items()}
+    info = component_information(classifier, classifier.layer, samples, inputs)
+    torch.testing.assert_close(
+        info, _dense_information(classifier.layer, values, inputs, categorical)
+    )
+    # to second order the Fisher-weighted change (a small component: the expansion holds)
+    small = dict(values, out_factor=values["out_factor"] * 1e-3)
+    samples = {f"layer.{k}": v for k, v in small.items()}
+    probs = classifier.layer.apply(small, inputs).softmax(-1)
+    scores, loadings = classifier.layer.component_terms(small, inputs)
+    fisher = probs @ loadings.pow(2) - (probs @ loadings).pow(2)  # w^T (diag(p) - p p^T) w
     torch.testing.assert_close(
         component_information(classifier, classifier.layer, samples, inputs),
-        _dense_information(classifier.layer, values, inputs, categorical),
+        (scores.pow(2) * fisher).sum(-2),
+        rtol=1e-2,
+        atol=0,
     )
 
 
@@ -217,3 +232,43 @@ def test_failed_chain_diagnostics_reach_the_summary_and_the_plot(rank_two_fits):
     assert "WARNING: MCMC diagnostics fail" in text
     fig, axes = bf.plot_rank_posterior(mcmc)
     assert any("WARNING" in t.get_text() for t in axes[0][0].texts)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "categorical"])
+def test_ablating_a_component_is_its_closed_form_information(likelihood):
+    """Running the model without each component (how a layer inside the model is weighed)
+    gives the closed form's information on the layer that makes the predictions."""
+    model, views, y = _known_answer_data(likelihood, 2)
+    res = bf.fit(model, views, y, guide="meanfield", num_steps=50, progress=False)
+    samples = res.posterior_draws(30)
+    closed = component_information(res.model, res.model.layer, samples, views)
+    ablated = _ablation_information(res, res.model.layer, samples, views, chunk_size=16)
+    torch.testing.assert_close(ablated, closed, rtol=1e-3, atol=1e-3)
+
+
+class _TwoXOX(pyro.nn.PyroModule):
+    """``x -> XOX(12, 8) -> tanh -> XOX(8, 4)``: a hidden rank layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = bf.XOXLinear(12, 8, genes=6)
+        self.out = bf.XOXLinear(8, 4, genes=4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def test_a_hidden_xox_layer_is_weighed_by_what_it_changes_in_the_predictions():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=g)
+    hidden = torch.randn(8, 2, generator=g) @ torch.randn(2, 12, generator=g) / 12**0.5  # rank 2
+    y = torch.tanh(x @ hidden.T) @ (torch.randn(8, 4, generator=g) / 8**0.5)
+    y = y / y.std() + 0.1 * torch.randn(400, 4, generator=g)
+    with pytest.warns(bf.ParameterBudgetWarning):
+        model = bf.Regressor(_TwoXOX())
+    res = bf.fit(model, x, y, num_steps=2000, progress=False)
+    rps = bf.rank_posterior(res, num_samples=100)
+    assert rps["layer.hidden"].criterion == "information"
+    assert rps["layer.hidden"].mode == 2 and rps["layer.hidden"].hdi[0] == 2
+    summary = bf.rank_summary(res, num_samples=100, print_it=False)
+    assert "pruned (rank 2)" in summary

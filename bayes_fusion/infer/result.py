@@ -309,7 +309,7 @@ class FitResult:
                 f"diagnostics: expected an MCMC (guide='nuts') result, got method={self.method!r}"
             )
         quantities = invariant_draws(
-            self.model, self.mcmc_samples, self.args[0] if self.args else None
+            self.model, self.mcmc_samples, self.args[0] if self.args else None, result=self
         )
         if args:
             quantities["predictive_mean"] = self._chain_predictive_means(args)

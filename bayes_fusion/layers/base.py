@@ -193,11 +193,9 @@ class RankLayer(PyroModule):
         """
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def noise_information(self) -> float:
-        """The information (:func:`bayes_fusion.rank.component_information`) a component fitted
-        to noise alone typically reaches: the effective rank weighs each component's
-        information in these units, so that a component counts for the signal it carries beyond
-        what its parameters could fit in pure noise."""
+    def component_dof(self) -> int:
+        """Free parameters of one component: the effective rank weighs each component's
+        information against twice this (Akaike's price of its parameters)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _scaled_prior(self, scales: Tensor, rows: int) -> dist.TorchDistribution:

@@ -293,11 +293,10 @@ class CPFusion(RankLayer):
             scores = proj if scores is None else scores * proj
         return scores, values["out_factor"]
 
-    def noise_information(self) -> float:
-        """``sum_m d~_m + P - M``, a component's degrees of freedom (the entries of its factor
-        columns less the ``M`` scale trades between its ``M + 1`` factors): a least-squares
-        fit of a linear model to noise gains one unit of information per free parameter."""
-        return float(sum(self.factor_rows()) + self.out_features - self.num_modalities)
+    def component_dof(self) -> int:
+        """``sum_m d~_m + P - M``: the free parameters of one component (its factor columns'
+        entries less the ``M`` scale trades between its ``M + 1`` factors)."""
+        return sum(self.factor_rows()) + self.out_features - self.num_modalities
 
     def num_parameters(self, rank: int | None = None) -> int:
         """Number of weights of a deterministic layer at ``rank`` (default ``max_rank``)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 import torch
 from torch import Tensor
@@ -257,11 +255,9 @@ class XOXLinear(RankLayer):
         )
         return torch.matmul(x, x_in), x_out
 
-    def noise_information(self) -> float:
-        """``(sqrt(in) + sqrt(out))^2``: a least-squares estimate of ``W`` from pure noise has
-        its largest singular value at the Marchenko-Pastur edge, which is this much information
-        (between one and two units per free parameter of a singular direction)."""
-        return (math.sqrt(self.in_features) + math.sqrt(self.out_features)) ** 2
+    def component_dof(self) -> int:
+        """``in + out - 1``: a singular direction's two unit vectors and its singular value."""
+        return self.in_features + self.out_features - 1
 
     def num_parameters(self, rank: int | None = None) -> int:
         """Number of weights of a deterministic XOX layer with ``rank`` genes."""

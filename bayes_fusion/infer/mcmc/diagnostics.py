@@ -20,13 +20,16 @@ from ...rank import layer_rank_posterior, rank_quantities
 __all__ = ["invariant_draws"]
 
 
-def invariant_draws(model, samples: dict[str, Tensor], inputs=None) -> dict[str, Tensor]:
+def invariant_draws(
+    model, samples: dict[str, Tensor], inputs=None, result=None
+) -> dict[str, Tensor]:
     """The diagnosed quantities, each ``(chains, draws, ...)``.
 
     :param model: the fitted model (its rank layers are found by :func:`rank_layers`).
     :param samples: site -> ``(chains, draws, ...)`` MCMC draws.
     :param inputs: the training inputs: the effective rank then follows the information
         criterion where it applies (:func:`bayes_fusion.rank.rank_posterior`'s default).
+    :param result: the fit (the information of a rank layer deeper inside the model).
     :returns: per rank layer ``"<layer>.rank_scale_sorted"``, ``"<layer>.relevance_sorted"``,
         ``"<layer>.effective_rank"`` and (information criterion) ``"<layer>.m_eff"`` -- the
         names of the same quantities in :func:`~bayes_fusion.to_inference_data`'s posterior
@@ -37,7 +40,7 @@ def invariant_draws(model, samples: dict[str, Tensor], inputs=None) -> dict[str,
     out, layer_sites = {}, set()
     for path, layer in rank_layers(model).items():
         layer_sites.update(layer.site_names().values())
-        rp = layer_rank_posterior(model, layer, flat, inputs, path=path)
+        rp = layer_rank_posterior(model, layer, flat, inputs, path=path, result=result)
         for name, value in rank_quantities(layer, rp).items():
             out[name] = value.reshape((chains, draws) + value.shape[1:])
     out.update({k: v for k, v in samples.items() if k not in layer_sites})
