@@ -27,11 +27,14 @@ class PruneResult:
         :meth:`~bayes_fusion.CPFusion.num_parameters` count: the pruned module's CP ``weights``,
         all ones, are redundant with its factors and not counted).
     :ivar values: the point values (full site name -> tensor) the layers were built from.
+    :ivar posteriors: layer path -> the :class:`~bayes_fusion.RankPosterior` whose mode was
+        kept.
     """
 
     modules: dict[str, nn.Module]
     layers: dict[str, dict]
     values: dict[str, torch.Tensor] = field(default_factory=dict)
+    posteriors: dict[str, RankPosterior] = field(default_factory=dict)
 
     @property
     def module(self) -> nn.Module:
@@ -164,7 +167,7 @@ def prune(
             "params_before": layer.num_parameters(),
             "params_after": layer.num_parameters(k),
         }
-    return PruneResult(modules, info, values)
+    return PruneResult(modules, info, values, rps)
 
 
 def _compact(layer, own: dict[str, torch.Tensor], k: int) -> tuple[nn.Module, list[int]]:

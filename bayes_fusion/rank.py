@@ -217,10 +217,25 @@ def component_information(
     return torch.cat(out)
 
 
+#: rows the ablation of a layer inside the model runs on (evenly spaced; the deviance summed
+#: over them is scaled to every row): its cost is draws x components x model runs
+ABLATION_ROWS = 512
+
+
 def _ablation_information(result, layer, samples, inputs, chunk_size: int) -> Tensor:
     """:func:`component_information` of a layer inside the model: per chunk of draws, the
     model's predictions as fitted and with each component subtracted from the layer's output
-    (a forward hook), compared by :func:`_deviance_without`."""
+    (a forward hook), compared by :func:`_deviance_without` on at most :data:`ABLATION_ROWS`
+    evenly spaced rows (scaled to all rows)."""
+    rows = (inputs[0] if isinstance(inputs, (list, tuple)) else inputs).shape[0]
+    if rows > ABLATION_ROWS:
+        index = torch.linspace(0, rows - 1, ABLATION_ROWS).round().long()
+        inputs = (
+            [None if x is None else x[index] for x in inputs]
+            if isinstance(inputs, (list, tuple))
+            else inputs[index]
+        )
+    scale = rows / min(rows, ABLATION_ROWS)
     removed: dict = {}
 
     def without_component(module, args, output):
@@ -254,7 +269,7 @@ def _ablation_information(result, layer, samples, inputs, chunk_size: int) -> Te
             out.append(torch.stack(info, -1).double())
     finally:
         handle.remove()
-    return torch.cat(out)
+    return scale * torch.cat(out)
 
 
 def _op_rows(x: Tensor | None) -> Tensor | None:

@@ -517,9 +517,8 @@ def rank_summary(
     """
     from .prune import prune
 
-    samples = result.posterior_draws(num_samples)  # one set of draws for both
-    rps = rank_posterior(result, threshold=threshold, samples=samples, criterion=criterion)
-    pruned = prune(result, threshold=threshold, criterion=criterion, samples=samples)
+    pruned = prune(result, threshold=threshold, num_samples=num_samples, criterion=criterion)
+    rps = pruned.posteriors  # the rank posteriors whose modes were kept
     lines = []
     for path, rp in rps.items():
         layer = rank_layers(result.model)[path]

@@ -68,9 +68,13 @@ def main(argv=None):
 
     dense_params = sum(p.numel() for p in dense.parameters())
     xox_params = net.hidden.num_parameters() + net.out.num_parameters()
-    rps = bf.rank_posterior(result)
-    pruned = bf.prune(result)
+    pruned = bf.prune(result)  # each layer at its rank posterior's mode
+    rps = pruned.posteriors
     pruned_params = sum(info["params_after"] for info in pruned.layers.values())
+    with torch.no_grad():
+        hidden, head = pruned.modules["layer.hidden"], pruned.modules["layer.out"]
+        logits = head(torch.tanh(hidden(x[test])))
+    acc_pruned = float((logits.argmax(-1) == y[test]).double().mean())
     print(f"digits 8x8: {len(train)} train / {len(test)} test")
     print(f"dense MLP      : accuracy {acc_dense:.3f}, {dense_params} parameters")
     print(
@@ -78,17 +82,18 @@ def main(argv=None):
         f"(compression {dense_params / xox_params:.1f}x)"
     )
     print(
-        f"XOX MLP pruned : {pruned_params} parameters "
+        f"XOX MLP pruned : accuracy {acc_pruned:.3f}, {pruned_params} parameters "
         f"(compression {dense_params / pruned_params:.1f}x)"
     )
     for path, rp in rps.items():
         print(
-            f"layer {path!r}: genes surviving mean {rp.mean:.1f} of {rp.max_rank}, "
-            f"90% HDI {list(rp.hdi)}"
+            f"layer {path!r}: genes surviving mode {rp.mode} of {rp.max_rank}, "
+            f"90% HDI {list(rp.hdi)}, pruned to {pruned.layers[path]['rank']} "
+            f"({rp.criterion} criterion)"
         )
     bf.plot_rank_posterior(rps, out / "genes_posterior.png")
     print(f"plot written to {(out / 'genes_posterior.png').resolve()}")
-    return {"xox": acc_xox, "dense": acc_dense}
+    return {"xox": acc_xox, "dense": acc_dense, "pruned": acc_pruned}
 
 
 if __name__ == "__main__":

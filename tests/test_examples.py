@@ -133,6 +133,12 @@ def test_xox_mlp_smoke(tmp_path):
     ratio = float(out.split("(compression ")[1].split("x")[0])
     assert ratio > 1.0
     assert "genes surviving" in out
+    for line in (ln for ln in out.splitlines() if "genes surviving" in ln):
+        # the pruned rank is the posterior's mode, inside its HDI, weighed by the likelihood
+        mode = int(line.split("mode ")[1].split()[0])
+        lo, hi = (int(v) for v in line.split("HDI [")[1].split("]")[0].split(","))
+        assert int(line.split("pruned to ")[1].split()[0]) == mode and lo <= mode <= hi, line
+        assert "(information criterion)" in line
     assert (tmp_path / "genes_posterior.png").stat().st_size > 1000
 
 
