@@ -66,6 +66,17 @@ def test_benchmarks_quick_writes_table(tmp_path):
         ranks = [v for r in sbc["rows"] if r["guide"] == s["guide"] for v in r[key]]
         assert sum(s["counts"]) == len(ranks) and all(0 <= v <= 19 for v in ranks)
     assert (tmp_path / "sbc.png").stat().st_size > 0
+    # the rank posterior of every guide on the known-rank sets
+    assert "## Rank posterior: coverage of the true rank" in table
+    coverage = json.loads((tmp_path / "rank_coverage.json").read_text())["rows"]
+    sets = [
+        f"{task}, {truth}"
+        for task in ("regression", "classification")
+        for truth in ("no interaction", "rank 2")
+    ]
+    guides = ("map", "meanfield", "lowrank", "full")
+    assert {(r["set"], r["guide"]) for r in coverage} == {(s, g) for s in sets for g in guides}
+    assert all(0.0 <= r["coverage"] <= 1.0 and 0.0 <= r["p_true"] <= 1.0 for r in coverage)
 
 
 def test_sbc_ranks_are_uniform_for_an_exact_posterior_and_not_for_an_overconfident_one():

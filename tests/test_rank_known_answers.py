@@ -116,35 +116,19 @@ def test_information_is_the_expected_deviance_without_the_component():
     )
 
 
-def _linear_views(rows, out, seed):
-    """Views ``x_m ~ N(0, I)`` and a standardized linear predictor: no interaction at all."""
-    g = torch.Generator().manual_seed(seed)
-    views = [torch.randn(rows, d, generator=g) for d in SIZES]
-    eta = torch.cat(views, -1) @ torch.randn(sum(SIZES), out, generator=g)
-    return views, eta / eta.std(), g
-
-
-def _known_answer_data(likelihood, truth):
-    """``(model, inputs, y)``: no interaction (``truth = 0``, main effects on: the linear term
-    is theirs) or an append-one CP fusion of rank ``truth`` (main effects off: with them the
-    interaction part of an append-one CP term has another rank)."""
+def _known_answer_data(likelihood, truth, seed=0):
+    """``(model, inputs, y)``: no interaction (``truth = 0``: a linear mean / linear logits, main
+    effects on -- the linear term is theirs) or an append-one CP fusion of rank ``truth`` (main
+    effects off: with them the interaction part of an append-one CP term has another rank)."""
     if likelihood == "gaussian":
-        if truth == 0:
-            views, eta, g = _linear_views(300, 2, 0)
-            y = eta + 0.2 * torch.randn(eta.shape, generator=g)
-        else:
-            data = make_cp_regression(SIZES, 2, rank=truth, num_data=300, noise=0.2, seed=0)
-            views, y = data.inputs, data.y
+        data = make_cp_regression(SIZES, 2, rank=truth, num_data=300, noise=0.2, seed=seed)
         layer = bf.CPFusion(SIZES, 2, max_rank=4, main_effects=truth == 0)
-        return bf.Regressor(layer), views, y
-    if truth == 0:
-        views, eta, g = _linear_views(400, 3, 0)
-        y = torch.multinomial((3 * eta).softmax(-1), 1, generator=g).squeeze(-1)
-    else:
-        data = make_cp_classification(SIZES, 3, rank=truth, num_data=400, logit_scale=4.0)
-        views, y = data.inputs, data.y
+        return bf.Regressor(layer), data.inputs, data.y
+    data = make_cp_classification(
+        SIZES, 3, rank=truth, num_data=400, logit_scale=4.0 if truth else 3.0, seed=seed
+    )
     layer = bf.CPFusion(SIZES, 3, max_rank=4, main_effects=truth == 0)
-    return bf.Classifier(layer), views, y
+    return bf.Classifier(layer), data.inputs, data.y
 
 
 @pytest.mark.parametrize("guide", GUIDES)

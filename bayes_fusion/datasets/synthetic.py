@@ -45,8 +45,16 @@ class SyntheticData:
 
 def _cp_truth(in_features, out_features, rank, num_data, append_one, gen):
     """Inputs ``x_m ~ N(0, I)``, factors ``U_m ~ N(0, 1/d~_m)``, ``U_out ~ N(0, 1/R)`` rescaled so
-    that the fusion output has unit std: ``(inputs, truth, clean)`` in float64."""
+    that the fusion output has unit std: ``(inputs, truth, clean)`` in float64. ``rank = 0``:
+    no interaction, a linear map of the concatenated views (``truth["main_effects"]``
+    ``(P, sum_m d_m)``) scaled to unit std."""
     kw = {"generator": gen, "dtype": torch.float64}
+    if rank == 0:
+        inputs = [torch.randn(num_data, d, **kw) for d in in_features]
+        weight = torch.randn(out_features, sum(in_features), **kw)
+        clean = torch.cat(inputs, -1) @ weight.T
+        scale = clean.std()
+        return inputs, {"main_effects": weight / scale}, clean / scale
     rows = [d + int(append_one) for d in in_features]
     factors = [torch.randn(r, rank, **kw) / math.sqrt(r) for r in rows]
     out_factor = torch.randn(out_features, rank, **kw) / math.sqrt(rank)
@@ -72,11 +80,12 @@ def make_cp_regression(
 
     Inputs ``x_m ~ N(0, I)``; factors ``U_m ~ N(0, 1/d~_m)`` (each projection is O(1));
     ``U_out`` columns are scaled so that every component carries a similar share of the output
-    variance and ``Var(y) ~ 1``; ``y = fusion(x) + noise * N(0, I)``.
+    variance and ``Var(y) ~ 1``; ``y = fusion(x) + noise * N(0, I)``. ``rank = 0``: no
+    interaction at all, the mean is linear in the concatenated views (what main effects fit).
 
     :returns: :class:`SyntheticData` with ``true_rank = rank``.
     """
-    check_positive_int("rank", rank)
+    check_positive_int("rank", rank, minimum=0)
     check_positive_int("num_data", num_data)
     check_positive_float("noise", noise)
     gen = torch.Generator().manual_seed(seed)
@@ -102,9 +111,10 @@ def make_cp_classification(
     the true class probabilities, so the Bayes-optimal accuracy and log-loss are known.
 
     :param logit_scale: std of the true logits (larger: more separable classes).
+    :param rank: the CP rank of the logits; ``0``: linear logits, no interaction.
     :returns: :class:`SyntheticData` with integer labels ``y`` ``(N,)`` and ``noise = 0``.
     """
-    check_positive_int("rank", rank)
+    check_positive_int("rank", rank, minimum=0)
     check_positive_int("num_data", num_data)
     check_positive_int("classes", classes)
     check_positive_float("logit_scale", logit_scale)
@@ -112,7 +122,9 @@ def make_cp_classification(
     inputs, truth, clean = _cp_truth(in_features, classes, rank, num_data, True, gen)
     probs = (logit_scale * clean).softmax(-1)
     y = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-    truth["out_factor"] = truth["out_factor"] * logit_scale
+    for name in ("out_factor", "main_effects"):
+        if name in truth:
+            truth[name] = truth[name] * logit_scale
     truth["probs"] = probs
     truth = {k: v.to(dtype) for k, v in truth.items()}
     return SyntheticData([x.to(dtype) for x in inputs], y, rank, 0.0, truth)
