@@ -108,10 +108,16 @@ class DeterministicCPFusion(nn.Module):
 
     def to_tltorch(self):
         """Export the weight as a ``tltorch.CPTensor`` of shape ``(d~_1, ..., d~_M, P)``
-        (refused with main effects, which a CP tensor does not hold)."""
+        (refused with main effects, which a CP tensor does not hold, and at rank 0, which has no
+        CP factors)."""
         from .interop import cp_to_tltorch, refuse_main_effects
 
         refuse_main_effects(self.main_effects is not None)
+        if self.rank == 0:
+            raise ValueError(
+                "to_tltorch: a rank-0 layer has no CP factors to export (its output is its bias "
+                "alone), got rank=0"
+            )
         return cp_to_tltorch(
             [f.detach() for f in self.factors], self.out_factor.detach(), self.weights.detach()
         )

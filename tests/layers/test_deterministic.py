@@ -97,3 +97,13 @@ def test_deterministic_xox_from_factors_equals_bayesian_draw():
     )
     torch.testing.assert_close(det(x), tr.nodes["_RETURN"]["value"], atol=1e-10, rtol=0)
     assert not any(isinstance(m, pyro.nn.PyroModule) for m in det.modules())
+
+
+def test_rank_zero_layer_outputs_its_bias_and_refuses_a_cp_export():
+    layer = bf.DeterministicCPFusion((3, 5), 2, rank=0, dtype=D)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([1.0, -2.0], dtype=D))
+    out = layer([torch.randn(4, 3, dtype=D), torch.randn(4, 5, dtype=D)])
+    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0]], dtype=D).expand(4, 2))
+    with pytest.raises(ValueError, match="to_tltorch: a rank-0 layer has no CP factors"):
+        layer.to_tltorch()
