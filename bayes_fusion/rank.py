@@ -448,11 +448,12 @@ class RankPosterior:
         return "WARNING: MCMC diagnostics fail (" + "; ".join(self.problems) + ")"
 
     def table(self) -> str:
-        """The rank posterior as a text table (ranks with non-zero probability); a point
-        estimate's single rank."""
+        """The rank posterior as a text table (ranks with non-zero probability), under the
+        :attr:`warning` line when MCMC diagnostics failed; a point estimate's single rank."""
         if self.is_point:
             return f"rank (point estimate): {self.mode}"
-        lines = ["rank  P(rank)"]
+        lines = [self.warning] if self.warning else []
+        lines.append("rank  P(rank)")
         for r, p in enumerate(self.probs.tolist()):
             if p > 0:
                 lines.append(f"{r:>4}  {p:7.3f}")

@@ -526,10 +526,8 @@ def rank_summary(
             f"== layer {path or type(layer).__name__!r} ({type(layer).__name__}, "
             f"max rank {rp.max_rank}): {rp.label} =="
         )
-        if rp.warning:
-            lines.append(rp.warning)
         lines.append(_criterion_line(rp))
-        lines.append(rp.table())
+        lines.append(rp.table())  # under the warning line when MCMC diagnostics failed
         lines.append(rp.headline())
         info = pruned.layers[path]
         lines.append(

@@ -212,8 +212,9 @@ def test_failed_chain_diagnostics_reach_the_summary_and_the_plot(rank_two_fits):
     rp = bf.rank_posterior(mcmc)["layer"]
     assert rp.source == "mcmc" and rp.warning is not None
     assert "3 divergent transitions" in rp.warning and "r-hat" in rp.warning
+    assert rp.table().splitlines()[0] == rp.warning  # the table printed alone says it too
     text = bf.rank_summary(mcmc, print_it=False)
-    assert "WARNING: MCMC diagnostics fail" in text
+    assert text.count("WARNING: MCMC diagnostics fail") == 1
     fig, axes = bf.plot_rank_posterior(mcmc)
     assert any("WARNING" in t.get_text() for t in axes[0][0].texts)
 
