@@ -18,6 +18,7 @@ arviz is imported inside the functions: importing :mod:`bayes_fusion` does not i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,8 +160,6 @@ def plot_forest(
 def _relabel_forest(axes, var_names: list[str], labels) -> None:
     """Replace ArviZ's row labels (``var[0]``, ``[1]``... on 0.x; a variable-name text over a
     column of coordinates and a ``variable / dim`` footer on 1.x) by ``labels(var, i)``."""
-    import re
-
     if major_version() >= 1:
         column = axes[1]
         current = None

@@ -211,10 +211,16 @@ def component_information(
             scores, loadings = layer.component_terms(values, inputs)  # (s, N, K), (s, P, K)
             info = []
             for k in range(scores.shape[-1]):
-                term = scores[..., k].unsqueeze(-1) * loadings[..., k].unsqueeze(-2)
+                term = _component_term(scores, loadings, k)
                 info.append(_deviance_without(model, fitted, fitted - term, noise))
         out.append(torch.stack(info, -1).double())
     return torch.cat(out)
+
+
+def _component_term(scores: Tensor, loadings: Tensor, k: int) -> Tensor:
+    """Component ``k``'s contribution ``(s, N, P)`` from ``component_terms``' scores ``(s, N,
+    K)`` and loadings ``(s, P, K)``."""
+    return scores[..., k].unsqueeze(-1) * loadings[..., k].unsqueeze(-2)
 
 
 #: rows the ablation of a layer inside the model runs on (evenly spaced; the deviance summed
@@ -243,9 +249,7 @@ def _ablation_information(result, layer, samples, inputs, chunk_size: int) -> Te
             return None
         x = args[0]
         x = [_op_rows(v) for v in x] if isinstance(x, (list, tuple)) else _op_rows(x)
-        scores, loadings = module.component_terms(removed["values"], x)
-        k = removed["k"]
-        term = scores[..., k].unsqueeze(-1) * loadings[..., k].unsqueeze(-2)  # (s, N, P)
+        term = _component_term(*module.component_terms(removed["values"], x), removed["k"])
         if term.numel() != output.numel():  # Predictive's first, unbatched look at the model
             return None
         return output - term.reshape(output.shape)
@@ -372,10 +376,6 @@ def hdi_float(values: Tensor, prob: float = 0.9) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-#: what a rank posterior was computed from, per kind of fit
-SOURCES = ("point", "variational", "mcmc")
-
-
 @dataclass
 class RankPosterior:
     """Posterior summary of one rank-bearing layer.
@@ -433,9 +433,9 @@ class RankPosterior:
     @property
     def label(self) -> str:
         """What the summary is: ``"MAP point estimate"``, ``"variational posterior
-        (meanfield guide)"`` or ``"MCMC posterior"``."""
+        (meanfield guide's approximation)"`` or ``"MCMC posterior"``."""
         if self.source == "point":
-            return "MAP point estimate (no uncertainty: fit a guide or NUTS for a posterior)"
+            return "MAP point estimate"
         if self.source == "mcmc":
             return "MCMC posterior"
         return f"variational posterior ({self.method} guide's approximation)"

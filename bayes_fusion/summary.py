@@ -9,6 +9,7 @@ arviz and matplotlib are imported lazily.
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -387,9 +388,17 @@ def plot_rank_posterior(result_or_posteriors, path=None, num_samples: int = 500)
         ax.bar(ranks, rp.probs.numpy(), color="tab:gray" if rp.is_point else "tab:blue")
         ax.set_title(_plot_title(path_name, rp), fontsize=8, loc="left")
         if rp.warning:
-            warning = _wrapped(rp.warning)
-            ax.text(0.5, 0.97, warning, transform=ax.transAxes, ha="center", va="top", fontsize=7)
-            ax.texts[-1].set_color("tab:red")
+            warning = textwrap.fill(rp.warning, 60)
+            ax.text(
+                0.5,
+                0.97,
+                warning,
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=7,
+                color="tab:red",
+            )
         ax.set_xlabel(f"effective rank ({rp.criterion} criterion)")
         ax.set_ylabel("point estimate" if rp.is_point else "posterior probability")
         ax.set_xticks(ranks)
@@ -401,20 +410,13 @@ def plot_rank_posterior(result_or_posteriors, path=None, num_samples: int = 500)
 
 def _plot_title(path_name: str, rp: RankPosterior) -> str:
     """Two lines: the layer and what the summary is; the rank (mode and HDI, or the point)."""
-    what = rp.label.split(" (no uncertainty")[0]
     if rp.is_point:
-        return f"{path_name or 'layer'}: {what}\nrank {rp.mode}"
+        return f"{path_name or 'layer'}: {rp.label}\nrank {rp.mode}"
     lo, hi = rp.hdi
     return (
-        f"{path_name or 'layer'}: {what}\n"
+        f"{path_name or 'layer'}: {rp.label}\n"
         f"mode {rp.mode}, {int(rp.hdi_prob * 100)}% HDI [{lo}, {hi}]"
     )
-
-
-def _wrapped(text: str, width: int = 60) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width))
 
 
 def plot_relevance_forest(
@@ -524,7 +526,7 @@ def rank_summary(
         layer = rank_layers(result.model)[path]
         lines.append(
             f"== layer {path or type(layer).__name__!r} ({type(layer).__name__}, "
-            f"max rank {rp.max_rank}): {rp.label} =="
+            f"max rank {rp.max_rank}): {rp.label}{_POINT_HINT if rp.is_point else ''} =="
         )
         lines.append(_criterion_line(rp))
         lines.append(rp.table())  # under the warning line when MCMC diagnostics failed
@@ -539,6 +541,9 @@ def rank_summary(
     if print_it:
         print(text)
     return text
+
+
+_POINT_HINT = " (no uncertainty: fit a guide or NUTS for a posterior)"
 
 
 def _criterion_line(rp: RankPosterior) -> str:

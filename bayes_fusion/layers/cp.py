@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_finite, check_float_tensor, check_positive_float, check_positive_int
-from ..ops.cp import cp_component_norms, cp_fusion, cp_main_effects, cp_project
+from ..ops.cp import cp_component_norms, cp_fusion, cp_main_effects, cp_scores
 from .base import RankLayer, to_op_layout, validation_enabled
 
 
@@ -287,11 +287,8 @@ class CPFusion(RankLayer):
         """Component ``r``'s term is ``prod_m (x~_m U_m)[n, r] * U_out[p, r]``: scores
         ``(..., N, R)`` (the product of the modality projections; a missing modality gives one
         row) and loadings ``U_out`` ``(..., P, R)``. See :meth:`RankLayer.component_terms`."""
-        scores = None
-        for m, x in enumerate(inputs):
-            proj = cp_project(x, values[f"factor_{m}"], self.append_one)
-            scores = proj if scores is None else scores * proj
-        return scores, values["out_factor"]
+        factors = [values[f"factor_{m}"] for m in range(self.num_modalities)]
+        return cp_scores(inputs, factors, self.append_one), values["out_factor"]
 
     def component_dof(self) -> int:
         """``sum_m d~_m + P - M``: the free parameters of one component (its factor columns'

@@ -31,6 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "cp_project",
+    "cp_scores",
     "cp_fusion",
     "cp_main_effects",
     "cp_to_dense",
@@ -62,6 +63,22 @@ def cp_project(x: Tensor | None, factor: Tensor, append_one: bool = True) -> Ten
     return torch.matmul(x, factor)
 
 
+def cp_scores(
+    inputs: Sequence[Tensor | None], factors: Sequence[Tensor], append_one: bool = True
+) -> Tensor:
+    """The rank-axis activations ``prod_m (x~_m U_m)``: component ``r``'s score per row.
+
+    :param inputs: M tensors ``(..., B, d_m)`` or ``None`` (see :func:`cp_project`).
+    :param factors: M factors ``(..., d_m + append_one, R)``.
+    :returns: ``(..., B, R)``.
+    """
+    scores = None
+    for x, factor in zip(inputs, factors, strict=False):
+        proj = cp_project(x, factor, append_one)
+        scores = proj if scores is None else scores * proj
+    return scores
+
+
 def cp_fusion(
     inputs: Sequence[Tensor | None],
     factors: Sequence[Tensor],
@@ -87,10 +104,7 @@ def cp_fusion(
         raise ValueError(
             f"inputs: expected {len(factors)} modalities (one per factor), got {len(inputs)}"
         )
-    hidden = None
-    for x, factor in zip(inputs, factors, strict=False):
-        proj = cp_project(x, factor, append_one)
-        hidden = proj if hidden is None else hidden * proj
+    hidden = cp_scores(inputs, factors, append_one)
     if weights is not None:
         hidden = hidden * weights.unsqueeze(-2)
     out = torch.matmul(hidden, out_factor.transpose(-1, -2))
