@@ -3,7 +3,7 @@
 from . import _moved, arviz_compat, datasets, ops
 from ._version import __version__
 from .contributions import ModalityContributions, modality_contributions
-from .infer import FitResult, NonFiniteLossError, fit, fit_nuts, fit_svi, load
+from .infer import FitResult, NonFiniteLossError, fit, fit_mcmc, fit_nuts, fit_svi, load
 from .infer.svi import distributed
 from .infer.svi.guides import GUIDES, make_guide
 from .layers import (
@@ -60,6 +60,7 @@ __all__ = [
     "distributed",
     "effective_rank_draws",
     "fit",
+    "fit_mcmc",
     "fit_nuts",
     "fit_svi",
     "from_pyro",

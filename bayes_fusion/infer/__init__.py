@@ -3,8 +3,9 @@
 * :mod:`.dispatch` -- ``fit()``: checks the guide and the option names, hands over;
 * :mod:`.svi` -- :func:`fit_svi` and everything it runs on (loop, step, ELBO engines, fused
   steps, optimizer, guide presets, minibatches, distributed);
-* :mod:`.mcmc` -- :func:`fit_nuts` and everything it runs on (the potential protocol and the
-  potentials, chain starts, running chains, diagnostics);
+* :mod:`.mcmc` -- :func:`fit_mcmc` (many chains in lockstep), :func:`fit_nuts` and everything
+  they run on (the potential protocol and the potentials, chain starts, running chains,
+  diagnostics);
 * :mod:`.result` -- :class:`FitResult` (draws, prediction, diagnostics, save) and :func:`load`,
   one result type for every method; :mod:`.persist` the checkpoint file format;
 * shared by both: :mod:`.data` (model arguments, seeds), :mod:`.faults` (numerical trouble),
@@ -16,6 +17,7 @@
 from .data import model_latent_shapes, sample_guide, seeded, slice_rows
 from .dispatch import auto_guide, fit
 from .faults import NonFiniteLossError
+from .mcmc.many_chains import fit_mcmc
 from .mcmc.nuts import fit_nuts
 from .mcmc.starts import MAP_RESTARTS
 from .persist import read_state, save_state
@@ -28,6 +30,7 @@ __all__ = [
     "NonFiniteLossError",
     "auto_guide",
     "fit",
+    "fit_mcmc",
     "fit_nuts",
     "fit_svi",
     "load",

@@ -16,7 +16,6 @@ records it.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -79,6 +78,25 @@ def _spec_key(spec):
     return spec
 
 
+def _agree(got, expected, rtol: float) -> tuple[bool, float, float]:
+    """Whether a compiled output (a tensor or a tuple of tensors) matches the eager one: every
+    entry within ``rtol`` relative to the larger of 1 and the largest eager magnitude, and
+    finite where the eager entry is. Also returns the first disagreeing pair (as floats)."""
+    gots = got if isinstance(got, (tuple, list)) else (got,)
+    wants = expected if isinstance(expected, (tuple, list)) else (expected,)
+    for g, w in zip(gots, wants, strict=True):
+        g, w = g.detach().double(), w.detach().double()
+        same_finite = torch.isfinite(g) == torch.isfinite(w)
+        both = torch.isfinite(g) & torch.isfinite(w)
+        scale = max(1.0, float(w[both].abs().max())) if bool(both.any()) else 1.0
+        close = (g - w).abs() <= rtol * scale
+        bad = ~same_finite | (both & ~close)
+        if bool(bad.any()):
+            at = int(torch.nonzero(bad.flatten())[0])
+            return False, float(g.flatten()[at]), float(w.flatten()[at])
+    return True, 0.0, 0.0
+
+
 class _RandomState:
     """Snapshot of the generators a call on ``device`` draws from."""
 
@@ -94,7 +112,8 @@ class _RandomState:
 
 
 class CompiledFunction:
-    """``fn(*args)`` -> scalar tensor, compiled once per input structure and checked.
+    """``fn(*args)`` -> a tensor (or a tuple of tensors), compiled once per input structure and
+    checked.
 
     :param fn: a function of nested lists/tuples/dicts of tensors (and constants) returning a
         tensor, free of Python control flow on tensor values. Tensors that require gradients
@@ -176,18 +195,13 @@ class CompiledFunction:
         finally:
             self.compile_seconds += time.perf_counter() - t0
         self.num_compiles += 1
-        got = float(out.detach())
         start.restore()
         with torch.no_grad():
-            expected = float(flat(*tensors))
-        if not (
-            math.isfinite(got) == math.isfinite(expected)
-            and (
-                not math.isfinite(got) or abs(got - expected) <= self.rtol * max(1.0, abs(expected))
-            )
-        ):
+            expected = flat(*tensors)
+        agree, got, want = _agree(out, expected, self.rtol)
+        if not agree:
             return self._give_up(
-                f"the compiled graph gives {got!r} where the eager function gives {expected!r} "
+                f"the compiled graph gives {got!r} where the eager function gives {want!r} "
                 "(Python control flow on tensor values?)",
                 start,
             )

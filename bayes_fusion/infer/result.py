@@ -17,12 +17,15 @@ from .._version import __version__
 from ..models import Classifier
 from .data import model_latent_shapes, sample_guide, seeded, slice_rows
 from .faults import without_trace_shapes
-from .mcmc.convergence import MAX_R_HAT, convergence_problems, r_hat_and_ess
+from .mcmc.convergence import MAX_R_HAT, convergence_problems, nested_r_hat, r_hat_and_ess
 from .mcmc.diagnostics import invariant_draws
 from .persist import CHECKPOINT_FORMAT, read_state, save_state
 from .svi.guides import make_guide
 
-__all__ = ["FitResult", "load"]
+__all__ = ["MCMC_METHODS", "FitResult", "load"]
+
+#: the ``method`` of results that hold MCMC draws (no guide)
+MCMC_METHODS = ("nuts", "mcmc")
 
 
 class FitResult:
@@ -31,7 +34,7 @@ class FitResult:
     :ivar model: the model that was fit.
     :ivar guide: the guide (``None`` for NUTS).
     :ivar method: ``"map"``, ``"meanfield"``, ``"lowrank"``, ``"full"``, ``"custom"`` or
-        ``"nuts"``.
+        ``"nuts"`` (Pyro's NUTS) or ``"mcmc"`` (the lockstep sampler).
     :ivar losses: list of SVI losses (negative ELBO), one per step.
     :ivar args: the model arguments the fit used (kept by reference, not copied).
     """
@@ -298,33 +301,46 @@ class FitResult:
         every site outside the rank layers, and -- given model inputs -- of the posterior
         predictive mean at those points (``"predictive_mean"``; class probabilities for a
         ``Classifier``). Raw factor sites are not diagnosed: chains may hold the same mode in
-        different component orders. Warns when an r-hat exceeds 1.01 or a transition diverged.
+        different component orders. R-hat is rank-normalized and ESS is the bulk ESS
+        (:mod:`~bayes_fusion.infer.mcmc.convergence`); a fit whose chains started in groups
+        (``guide="mcmc"``'s ``superchains``) also gets nested r-hat. Warns when an r-hat
+        exceeds 1.01 or a transition diverged.
 
         :param args: optional model inputs without targets, e.g. held-out ``(inputs,)``.
-        :returns: ``{"divergences": [per chain], "r_hat": {name: max}, "ess": {name: min}}``.
+        :returns: ``{"divergences": [per chain], "r_hat": {name: max}, "ess": {name: min}}``
+            and, for grouped chains, ``"nested_r_hat": {name: max}``.
         :raises ValueError: for SVI results (no chains to diagnose).
         """
         if not self.is_mcmc:
             raise ValueError(
-                f"diagnostics: expected an MCMC (guide='nuts') result, got method={self.method!r}"
+                "diagnostics: expected an MCMC (guide='mcmc' or 'nuts') result, got "
+                f"method={self.method!r}"
             )
         quantities = invariant_draws(
             self.model, self.mcmc_samples, self.args[0] if self.args else None, result=self
         )
         if args:
             quantities["predictive_mean"] = self._chain_predictive_means(args)
-        r_hat, ess = {}, {}
+        r_hat, ess, nested = {}, {}, {}
+        chains = next(iter(self.mcmc_samples.values())).shape[0]
+        groups = self.info.get("superchains", chains)
         for name, value in quantities.items():
             if value.shape[1] >= 4:
                 r_hat[name], ess[name] = r_hat_and_ess(value)
+                if groups < chains:
+                    nested[name] = nested_r_hat(value, groups)
         divergences = self.info.get("divergences", [])
         out = {"divergences": divergences, "r_hat": r_hat, "ess": ess}
+        if nested:
+            out["nested_r_hat"] = nested
         bad = {k: v for k, v in r_hat.items() if not v <= MAX_R_HAT}
         if bad or sum(divergences):
             warnings.warn(
                 f"MCMC diagnostics: {sum(divergences)} divergent transitions; r-hat > 1.01 "
                 f"for {sorted(bad)}. Run longer chains (more warm-up and draws), raise "
-                "target_accept_prob (divergences) or max_tree_depth (slow mixing).",
+                "target_accept_prob (divergences) or "
+                + ("max_steps" if self.method == "mcmc" else "max_tree_depth")
+                + " (slow mixing).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -427,7 +443,7 @@ def load(path: str | os.PathLike, model, guide=None) -> FitResult:
         )
     method = state["method"]
     param_state = {"params": {}, "constraints": {}}
-    if method != "nuts":
+    if method not in MCMC_METHODS:
         if guide is None:
             if method == "custom":
                 raise ValueError("guide: this checkpoint used a custom guide; pass an instance")

@@ -30,12 +30,16 @@ def gram_cholesky(design: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor, Ten
     :param y: targets ``(N, P)``.
     :param noise: ``sigma`` ``(..., P)``.
     :returns: ``L`` ``(..., P, k, k)``, ``A^T y`` ``(..., P, k)``, ``sigma^2`` ``(..., P)``.
+        Where ``K_o`` is not numerically positive definite (a wild proposal of a sampler:
+        huge designs, a vanishing noise), ``L`` holds NaN: the density there is NaN, which
+        samplers reject as a divergence, rather than an exception that stops every chain.
     """
     k = design.shape[-1]
     gram = design.transpose(-1, -2) @ design  # (..., k, k)
     eye = torch.eye(k, dtype=design.dtype, device=design.device)
     var = noise * noise
-    chol = torch.linalg.cholesky(gram.unsqueeze(-3) + var[..., None, None] * eye)
+    chol, failed = torch.linalg.cholesky_ex(gram.unsqueeze(-3) + var[..., None, None] * eye)
+    chol = torch.where((failed != 0)[..., None, None], torch.nan, chol)
     aty = (design.transpose(-1, -2) @ y).transpose(-1, -2)
     return chol, aty, var
 

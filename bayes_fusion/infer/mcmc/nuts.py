@@ -30,7 +30,13 @@ from .starts import (
     start_description,
 )
 
-__all__ = ["COMPILE_MIN_ITERATIONS", "NUTSOptions", "choose_potential", "fit_nuts"]
+__all__ = [
+    "COMPILE_MIN_ITERATIONS",
+    "NUTSOptions",
+    "check_continuous_latents",
+    "choose_potential",
+    "fit_nuts",
+]
 
 #: iterations per chain from which ``jit="auto"`` compiles the potential
 COMPILE_MIN_ITERATIONS = 200
@@ -139,7 +145,7 @@ def fit_nuts(
         )
         jit = jit_compile
     check_args_finite(args, model)
-    _check_continuous_latents(model, args)
+    check_continuous_latents(model, args)
     options = _checked_options(
         model,
         args,
@@ -161,7 +167,7 @@ def fit_nuts(
         return _run(model, args, options)
 
 
-def _check_continuous_latents(model, args: tuple) -> None:
+def check_continuous_latents(model, args: tuple) -> None:
     """NUTS moves continuous coordinates only: refuse a model with a discrete latent site before
     any fit or draw (naming the site), rather than failing after the MAP start.
 
@@ -283,7 +289,14 @@ def _run(model, args: tuple, options: NUTSOptions) -> FitResult:
 
 
 def choose_potential(
-    model, args: tuple, centered: dict, *, jit: bool, marginalize, reparam: bool = True
+    model,
+    args: tuple,
+    centered: dict,
+    *,
+    jit: bool,
+    marginalize,
+    reparam: bool = True,
+    gibbs: bool = True,
 ):
     """The potential of a NUTS fit: the output sites integrated out where ``marginalize``
     allows and the model is conjugate in them (:class:`~.output_marginal.OutputMarginal` for a
@@ -295,11 +308,15 @@ def choose_potential(
     :param centered: scale-site name -> ``(R,)`` 1/0 per component (centred / non-centred).
     :param jit: compile the potential and its gradient.
     :param marginalize: ``"auto"``, ``True`` or ``False``, as :func:`fit_nuts`.
+    :param gibbs: allow a potential with a Gibbs block (the Polya-Gamma path); the lockstep
+        sampler, which has no per-chain Gibbs step, passes ``False``.
     """
     conjugate = {
         OutputMarginal: supports_output_marginal,
         PolyaGammaPotential: supports_polya_gamma,
     }
+    if not gibbs:
+        del conjugate[PolyaGammaPotential]
     for kind, supports in conjugate.items():
         if marginalize and supports(model, args):  # a Gaussian regression, a binary classifier
             if reparam and not kind.CENTRE_ACTIVE:

@@ -1,0 +1,466 @@
+"""Many HMC chains in lockstep: ChEES-HMC on a ``(chains, dim)`` state.
+
+Every chain takes the same number of leapfrog steps in an iteration, so one batched call of the
+potential and its gradient (:meth:`~.potential.FlatPotential.value_and_grad`, ``torch.func.vmap``)
+moves all of them; while the tensors are small, ``C`` chains cost little more than one. The
+tuning follows ChEES-HMC (Hoffman, Radul & Sountsov, AISTATS 2021; the reference
+implementations are BlackJAX's ``chees_adaptation`` and TensorFlow Probability's
+``gradient_based_trajectory_length_adaptation``), written here in torch:
+
+* **metric** -- the chains move in whitened coordinates ``w``, ``x = loc + scale w``, with an
+  identity mass matrix: ``scale`` is the Cholesky factor of a covariance (dense, up to
+  :data:`DENSE_METRIC_MAX_DIM` coordinates) or its diagonal's square root. It starts from the
+  Laplace approximation at the MAP point and is re-estimated at the end of each warm-up window
+  from the draws of every chain in the window (Stan's doubling windows, its shrinkage towards a
+  small diagonal);
+* **step size** -- dual averaging (``pyro.ops.dual_averaging``) of the harmonic mean of the
+  chains' acceptance probabilities towards ``target_accept_prob``;
+* **trajectory length** -- ``T`` maximizes the ChEES criterion (the change in the chains'
+  spread about their mean over one trajectory), by Adam on ``log T`` with the clipped update of
+  the references; every iteration takes ``ceil(u T / step size)`` steps with ``u`` from a Halton
+  sequence (jitter: no fixed length resonates with the posterior);
+* **divergences** -- a transition whose energy error exceeds :data:`DIVERGENCE_ENERGY` (or is
+  not finite) is rejected and counted.
+
+The leapfrog step runs through ``torch.compile`` where asked (:class:`~..compiled
+.CompiledFunction`, checked against eager, eager if compiling fails); momenta and jitter are
+drawn outside the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pyro
+import torch
+from pyro.ops.dual_averaging import DualAveraging
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..compiled import CompiledFunction
+
+__all__ = [
+    "DENSE_METRIC_MAX_DIM",
+    "DIVERGENCE_ENERGY",
+    "ChEESState",
+    "LockstepRun",
+    "Whitening",
+    "halton",
+    "run_lockstep",
+    "warmup_windows",
+]
+
+#: energy error above which a transition counts as divergent (Stan's and Pyro's threshold)
+DIVERGENCE_ENERGY = 1000.0
+#: the metric is a dense covariance up to this many coordinates, diagonal above
+DENSE_METRIC_MAX_DIM = 500
+#: Adam on log T (the references' settings): learning rate, second-moment decay, update clip
+TRAJECTORY_LR, TRAJECTORY_BETA2, TRAJECTORY_CLIP = 0.025, 0.95, 0.35
+#: weight of iteration t in the moving averages of log step size and log T: t ** -DECAY
+DECAY = 0.5
+
+
+def halton(index: int, base: int = 2) -> float:
+    """The ``index``-th element (``index >= 1``) of the van der Corput / Halton sequence in
+    ``base``: a low-discrepancy sequence in ``(0, 1)`` (jitter of the trajectory length)."""
+    out, f = 0.0, 1.0 / base
+    while index > 0:
+        out += f * (index % base)
+        index //= base
+        f /= base
+    return out
+
+
+class Whitening:
+    """The affine map ``x = loc + scale w`` between the chains' whitened coordinates ``w`` and
+    the potential's coordinates ``x``.
+
+    :param loc: ``(D,)``.
+    :param cov: the covariance the map whitens, ``(D, D)`` (a dense metric) or ``(D,)`` (its
+        diagonal: a diagonal metric).
+    """
+
+    def __init__(self, loc: Tensor, cov: Tensor) -> None:
+        self.loc = loc
+        self.dense = cov.dim() == 2
+        if self.dense:
+            eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            jitter = 1e-10 * cov.diagonal().mean().clamp(min=1.0)
+            self.scale = torch.linalg.cholesky(0.5 * (cov + cov.T) + jitter * eye)
+        else:
+            self.scale = cov.sqrt()
+
+    @classmethod
+    def estimate(cls, draws: Tensor, dense: bool) -> Whitening:
+        """From a window of draws ``(C, n, D)``: the centre of all of them and the pooled
+        within-chain (co)variance -- each chain about its own mean, so that chains holding the
+        posterior in different modes (the components in another order) do not inflate it --,
+        shrunk towards ``1e-3 I`` as Stan does (weight ``5 / (m + 5)``, ``m`` the pooled
+        draws)."""
+        chains, n = draws.shape[:2]
+        loc = draws.mean((0, 1))
+        centred = (draws - draws.mean(1, keepdim=True)).reshape(chains * n, -1)
+        m, dof = chains * n, max(chains * (n - 1), 1)
+        if dense:
+            cov = centred.T @ centred / dof
+            eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            cov = (m / (m + 5.0)) * cov + 1e-3 * (5.0 / (m + 5.0)) * eye
+        else:
+            cov = (m / (m + 5.0)) * centred.square().sum(0) / dof + 1e-3 * (5.0 / (m + 5.0))
+        return cls(loc, cov)
+
+    def to_x(self, w: Tensor) -> Tensor:
+        """``(..., D)`` whitened -> potential coordinates."""
+        return self.loc + (w @ self.scale.T if self.dense else w * self.scale)
+
+    def to_w(self, x: Tensor) -> Tensor:
+        """``(..., D)`` potential coordinates -> whitened."""
+        centred = x - self.loc
+        if not self.dense:
+            return centred / self.scale
+        solved = torch.linalg.solve_triangular(self.scale, centred.T, upper=False)
+        return solved.T
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """``(loc, scale)``: what the compiled leapfrog step takes as inputs."""
+        return self.loc, self.scale
+
+
+def warmup_windows(warmup: int) -> list[int]:
+    """The iterations (1-based counts of warm-up iterations done) after which the metric is
+    re-estimated: Stan's schedule -- an initial 15 % adapting the step size and trajectory
+    length only, windows doubling from 25 iterations (the last one stretched to the terminal
+    10 %), a terminal 10 % with the final metric. Too short a warm-up for a window (under 60
+    iterations) keeps the starting metric."""
+    if warmup < 60:
+        return []
+    start, end = max(int(0.15 * warmup), 10), warmup - max(int(0.1 * warmup), 10)
+    ends, size, at = [], 25, start
+    while at + size < end:
+        if at + 3 * size > end:  # the next window would be cut short: stretch this one
+            break
+        at += size
+        ends.append(at)
+        size *= 2
+    ends.append(end)
+    return ends
+
+
+@dataclasses.dataclass
+class ChEESState:
+    """The state of a lockstep run, enough to continue it (more draws without adapting).
+
+    :ivar x: the chains' positions in the potential's coordinates ``(C, D)``.
+    :ivar step_size: the adapted leapfrog step size (whitened coordinates).
+    :ivar trajectory_length: the adapted trajectory length ``T``.
+    :ivar loc: the metric's centre ``(D,)``. :ivar cov: its covariance ``(D, D)`` or ``(D,)``.
+    :ivar halton_index: the next index of the jitter sequence.
+    """
+
+    x: Tensor
+    step_size: float
+    trajectory_length: float
+    loc: Tensor
+    cov: Tensor
+    halton_index: int
+
+    def whitening(self) -> Whitening:
+        return Whitening(self.loc, self.cov)
+
+
+@dataclasses.dataclass
+class LockstepRun:
+    """What :func:`run_lockstep` returns.
+
+    :ivar draws: positions after warm-up, potential coordinates ``(C, S, D)``.
+    :ivar stats: per-draw statistics (ArviZ's ``sample_stats`` names: ``diverging``,
+        ``acceptance_rate``, ``n_steps``, ``step_size``, ``energy``, ``lp``), name -> ``(C, S)``.
+    :ivar divergences: per chain, the indices of divergent transitions after warm-up.
+    :ivar warmup_divergences: divergent transitions during warm-up, all chains.
+    :ivar state: where the run stopped (:class:`ChEESState`), to continue from.
+    :ivar gradients: batched potential-and-gradient calls made (each moves every chain).
+    :ivar compile: the compiled step's report (``None``: eager).
+    """
+
+    draws: Tensor
+    stats: dict[str, Tensor]
+    divergences: list[list[int]]
+    warmup_divergences: int
+    state: ChEESState
+    gradients: int
+    compile: dict | None
+
+
+class _Leapfrog:
+    """One leapfrog step of every chain in whitened coordinates (identity mass):
+    ``(w, p, g, step_size, loc, scale) -> (w, p, U, g)`` with ``U`` ``(C,)`` the potential and
+    ``g`` ``(C, D)`` its gradient in ``w``; through ``torch.compile`` when ``compile``."""
+
+    def __init__(self, flat, dense: bool, compile: bool) -> None:
+        density = getattr(flat.potential, "potential", flat.potential)  # uncounted
+        unflatten = flat.unflatten
+
+        def value(w: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+            x = loc + (scale @ w if dense else scale * w)
+            return density(unflatten(x))
+
+        grad_and_value = torch.func.vmap(torch.func.grad_and_value(value), in_dims=(0, None, None))
+
+        def value_and_grad(w: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+            g, u = grad_and_value(w, loc, scale)
+            return u, g
+
+        def step(w, p, g, step_size, loc, scale):
+            p = p - 0.5 * step_size * g
+            w = w + step_size * p
+            u, g = value_and_grad(w, loc, scale)
+            p = p - 0.5 * step_size * g
+            return w, p, u, g
+
+        self._value_and_grad = value_and_grad
+        self._step = step
+        # float32 positions and gradients after one step agree to ~1e-4 of their scale
+        compiled = CompiledFunction(step, rtol=1e-3, name="lockstep leapfrog") if compile else None
+        self.compiled = compiled
+        self.calls = 0
+
+    def value_and_grad(self, w: Tensor, whitening: Whitening) -> tuple[Tensor, Tensor]:
+        self.calls += 1
+        with pyro.validation_enabled(False), torch.no_grad():
+            return self._value_and_grad(w, *whitening.tensors())
+
+    def __call__(self, w, p, g, step_size: Tensor, whitening: Whitening):
+        self.calls += 1
+        args = (w, p, g, step_size, *whitening.tensors())
+        with pyro.validation_enabled(False), torch.no_grad():
+            if self.compiled is not None:
+                return self.compiled(*args)
+            return self._step(*args)
+
+    def report(self) -> dict | None:
+        if self.compiled is None:
+            return None
+        return {
+            "compiled": self.compiled.failed is None,
+            "compile_seconds": self.compiled.compile_seconds,
+            "failure": self.compiled.failed,
+        }
+
+
+class _Trajectory:
+    """One iteration of every chain: momentum draw, ``steps`` leapfrog steps, Metropolis
+    correction. Returns the accepted state and what adaptation needs."""
+
+    def __init__(self, leapfrog: _Leapfrog) -> None:
+        self.leapfrog = leapfrog
+
+    def __call__(self, w, u, g, step_size: float, steps: int, whitening: Whitening):
+        p0 = torch.randn_like(w)
+        energy0 = u + 0.5 * p0.square().sum(-1)
+        eps = torch.as_tensor(step_size, dtype=w.dtype, device=w.device)
+        w1, p1, u1, g1 = w, p0, u, g
+        for _ in range(steps):
+            w1, p1, u1, g1 = self.leapfrog(w1, p1, g1, eps, whitening)
+        energy1 = u1 + 0.5 * p1.square().sum(-1)
+        delta = energy1 - energy0
+        finite = torch.isfinite(delta) & torch.isfinite(w1).all(-1) & torch.isfinite(g1).all(-1)
+        divergent = ~finite | (delta > DIVERGENCE_ENERGY)
+        accept_prob = torch.where(divergent, 0.0, torch.exp(-delta.clamp(min=0.0)))
+        accept = torch.rand_like(accept_prob) < accept_prob
+        keep = accept.unsqueeze(-1)
+        new = (
+            torch.where(keep, w1, w),
+            torch.where(accept, u1, u),
+            torch.where(keep, g1, g),
+        )
+        energy = torch.where(accept, energy1, energy0)
+        proposal = (w1, p1, accept_prob, divergent)
+        return new, proposal, energy
+
+
+class _Adaptation:
+    """Step size (dual averaging of the harmonic-mean acceptance) and trajectory length (Adam
+    on the ChEES criterion in ``log T``), each averaged over recent iterations."""
+
+    def __init__(self, step_size: float, target_accept_prob: float, max_steps: int) -> None:
+        self.target = target_accept_prob
+        self.max_steps = max_steps
+        self.restart(step_size, step_size)
+        self.log_t = math.log(step_size)
+        self.second_moment = 0.0
+
+    def restart(self, step_size: float, trajectory_length: float) -> None:
+        """Start the step size's dual averaging afresh at ``step_size`` (after a new metric)."""
+        self.dual = DualAveraging(prox_center=math.log(10 * step_size))
+        self.step_size = step_size
+        self.log_step_ma = math.log(step_size)
+        self.trajectory_length = trajectory_length
+        self.log_t_ma = math.log(trajectory_length)
+        self.t = 1
+
+    def update(self, w0, w1, p1, accept_prob, divergent, jitter: float) -> None:
+        ok = ~divergent
+        weight = self.t ** (-DECAY)
+        # step size: the chains' mean acceptance probability (0 where a chain diverged)
+        self.dual.step(self.target - float(accept_prob.mean()))
+        log_step = self.dual.get_state()[0]
+        if math.isfinite(log_step):
+            self.step_size = math.exp(log_step)
+        self.log_step_ma = (1 - weight) * self.log_step_ma + weight * math.log(self.step_size)
+        # trajectory: gradient of ChEES in log T (the proposals' spread vs the starts')
+        a = torch.where(ok, accept_prob, 0.0)
+        if float(a.sum()) > 0:
+            safe = torch.where(ok.unsqueeze(-1), w1, w0)
+            mean1 = (a.unsqueeze(-1) * safe).sum(0) / a.sum()
+            c1, c0 = safe - mean1, w0 - w0.mean(0)
+            grads = (c1.square().sum(-1) - c0.square().sum(-1)) * (c1 * p1).sum(-1)
+            grads = jitter * self.trajectory_length * torch.where(ok, grads, 0.0)
+            grad = float((a * grads).sum() / a.sum())
+            if math.isfinite(grad):
+                self.second_moment = (
+                    TRAJECTORY_BETA2 * self.second_moment + (1 - TRAJECTORY_BETA2) * grad**2
+                )
+                v_hat = self.second_moment / (1 - TRAJECTORY_BETA2**self.t)
+                update = TRAJECTORY_LR * grad / (math.sqrt(v_hat) + 1e-8)
+                self.log_t += max(-TRAJECTORY_CLIP, min(TRAJECTORY_CLIP, update))
+        self.log_t_ma = (1 - weight) * self.log_t_ma + weight * self.log_t
+        self.trajectory_length = min(
+            max(math.exp(self.log_t_ma), self.step_size), self.max_steps * self.step_size
+        )
+        self.t += 1
+
+    def final(self) -> tuple[float, float]:
+        """``(step size, trajectory length)`` to sample with: the averaged values."""
+        step_size = math.exp(self.dual.get_state()[1])
+        if not math.isfinite(step_size):
+            step_size = self.step_size
+        length = min(max(math.exp(self.log_t_ma), step_size), self.max_steps * step_size)
+        return step_size, length
+
+
+def _initial_step_size(trajectory, w, u, g, whitening, start: float = 0.5) -> float:
+    """A step size whose one-step acceptance (harmonic mean over chains) is near 0.8:
+    halve or double ``start`` until it crosses (Stan's heuristic, batched)."""
+
+    def accept(step_size):
+        _, (_, _, prob, _), _ = trajectory(w, u, g, step_size, 1, whitening)
+        return float(1.0 / (1.0 / prob.clamp(min=1e-10)).mean())
+
+    step_size = start
+    up = accept(step_size) > 0.8
+    for _ in range(30):
+        new = step_size * (2.0 if up else 0.5)
+        if (accept(new) > 0.8) != up:
+            return step_size if up else new
+        step_size = new
+    return step_size
+
+
+def run_lockstep(
+    flat,
+    starts: Tensor,
+    cov: Tensor,
+    num_samples: int,
+    warmup_steps: int,
+    *,
+    target_accept_prob: float = 0.8,
+    max_steps: int = 256,
+    compile: bool = False,
+    state: ChEESState | None = None,
+    progress: bool = False,
+) -> LockstepRun:
+    """Run ``C`` chains of ChEES-HMC in lockstep on a flat potential.
+
+    :param flat: the potential as a function of one flat vector
+        (:class:`~.potential.FlatPotential`).
+    :param starts: the chains' starting points ``(C, D)`` (potential coordinates); with
+        ``state``, ignored (the run continues from ``state.x``).
+    :param cov: the starting metric's covariance ``(D, D)`` (dense) or ``(D,)`` (diagonal);
+        its kind is the run's. Ignored with ``state`` (its metric is kept).
+    :param num_samples: draws per chain after warm-up.
+    :param warmup_steps: warm-up iterations (adaptation); ``0`` with ``state``: continue.
+    :param target_accept_prob: target of the harmonic-mean acceptance probability.
+    :param max_steps: most leapfrog steps in one iteration.
+    :param compile: run the leapfrog step through ``torch.compile``.
+    :param state: continue a run from its :class:`ChEESState` without adapting again.
+    :param progress: show a progress bar.
+    :returns: :class:`LockstepRun`.
+    """
+    dense = (state.cov if state is not None else cov).dim() == 2
+    leapfrog = _Leapfrog(flat, dense, compile)
+    trajectory = _Trajectory(leapfrog)
+    if state is not None:
+        x, whitening = state.x, state.whitening()
+        step_size, length, index = state.step_size, state.trajectory_length, state.halton_index
+        warmup_steps = 0
+    else:
+        x, index = starts, 1
+        whitening = Whitening(starts.mean(0), cov)
+    w = whitening.to_w(x)
+    u, g = leapfrog.value_and_grad(w, whitening)
+    if state is None:
+        step_size = _initial_step_size(trajectory, w, u, g, whitening)
+        adaptation = _Adaptation(step_size, target_accept_prob, max_steps)
+        windows = warmup_windows(warmup_steps)
+    chains = x.shape[0]
+    window, draws, warmup_divergences = [], [], 0
+    stats = {name: [] for name in ("diverging", "acceptance_rate", "n_steps", "energy", "lp")}
+    total = warmup_steps + num_samples
+    with tqdm(total=total, disable=not progress, desc="MCMC (lockstep chains)", leave=False) as bar:
+        for i in range(total):
+            warm = i < warmup_steps
+            if warm:
+                step_size, length = adaptation.step_size, adaptation.trajectory_length
+            jitter = halton(index)
+            index += 1
+            steps = max(1, min(max_steps, math.ceil(jitter * length / step_size)))
+            w0 = w
+            (w, u, g), (w1, p1, prob, divergent), energy = trajectory(
+                w, u, g, step_size, steps, whitening
+            )
+            if warm:
+                warmup_divergences += int(divergent.sum())
+                adaptation.update(w0, w1, p1, prob, divergent, jitter)
+                window.append(whitening.to_x(w))
+                if windows and i + 1 == windows[0]:
+                    windows.pop(0)
+                    x_now = whitening.to_x(w)
+                    whitening = Whitening.estimate(torch.stack(window, 1), dense)
+                    window = []
+                    w = whitening.to_w(x_now)
+                    u, g = leapfrog.value_and_grad(w, whitening)
+                    restart = _initial_step_size(trajectory, w, u, g, whitening, step_size)
+                    adaptation.restart(restart, max(adaptation.trajectory_length, restart))
+                if i + 1 == warmup_steps:
+                    step_size, length = adaptation.final()
+            else:
+                draws.append(whitening.to_x(w))
+                stats["diverging"].append(divergent)
+                stats["acceptance_rate"].append(prob)
+                stats["n_steps"].append(torch.full((chains,), float(steps)))
+                stats["energy"].append(energy)
+                stats["lp"].append(-u)
+            bar.update(1)
+            if i % 10 == 0:
+                bar.set_postfix(step_size=f"{step_size:.2e}", steps=steps, refresh=False)
+    out_stats = {k: torch.stack(v, 1).double() for k, v in stats.items()}
+    out_stats["step_size"] = torch.full_like(out_stats["lp"], step_size)
+    divergences = [torch.nonzero(row).flatten().tolist() for row in out_stats["diverging"].bool()]
+    final = ChEESState(
+        x=whitening.to_x(w),
+        step_size=step_size,
+        trajectory_length=length,
+        loc=whitening.loc,
+        cov=whitening.scale @ whitening.scale.T if dense else whitening.scale.square(),
+        halton_index=index,
+    )
+    return LockstepRun(
+        draws=torch.stack(draws, 1),
+        stats=out_stats,
+        divergences=divergences,
+        warmup_divergences=warmup_divergences,
+        state=final,
+        gradients=leapfrog.calls,
+        compile=leapfrog.report(),
+    )

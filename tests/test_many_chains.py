@@ -1,0 +1,218 @@
+"""Many chains in lockstep (guide="mcmc"): the ChEES-HMC kernel on targets with known moments,
+its pieces (whitening, warm-up windows, jitter), the diagnostics for many chains, and the fit on
+data of known rank (continued, saved, exported)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import bayes_fusion as bf
+from bayes_fusion.datasets import make_cp_regression
+from bayes_fusion.infer.compiled import CompiledFunction
+from bayes_fusion.infer.mcmc import linear_gaussian
+from bayes_fusion.infer.mcmc.chees import Whitening, halton, run_lockstep, warmup_windows
+from bayes_fusion.infer.mcmc.convergence import nested_r_hat, r_hat_and_ess
+from bayes_fusion.infer.mcmc.potential import FlatPotential, Potential
+
+
+class GaussianPotential(Potential):
+    """``x ~ Normal(mean, cov)`` over one site ``x`` ``(D,)``."""
+
+    def __init__(self, mean, cov):
+        self.mean, self.precision = mean, torch.linalg.inv(cov)
+
+    def potential(self, params):
+        d = params["x"] - self.mean
+        return 0.5 * d @ self.precision @ d
+
+
+def _correlated_gaussian(dim=4):
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    cov = a @ a.T / dim + torch.diag(torch.linspace(0.05, 3.0, dim, dtype=torch.float64))
+    mean = torch.linspace(-2.0, 2.0, dim, dtype=torch.float64)
+    return mean, cov
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_lockstep_chains_recover_a_correlated_gaussian(dense):
+    mean, cov = _correlated_gaussian()
+    flat = FlatPotential(GaussianPotential(mean, cov), {"x": torch.zeros(4, dtype=torch.float64)})
+    starts = 3.0 * torch.randn(16, 4, dtype=torch.float64)
+    metric = torch.eye(4, dtype=torch.float64) if dense else torch.ones(4, dtype=torch.float64)
+    run = run_lockstep(flat, starts, metric, num_samples=150, warmup_steps=200)
+    draws = run.draws.reshape(-1, 4)
+    assert run.draws.shape == (16, 150, 4)
+    assert sum(len(d) for d in run.divergences) == 0
+    # 2400 draws: the mean within 0.15 sd, the covariance within 15 %
+    sd = cov.diagonal().sqrt()
+    assert ((draws.mean(0) - mean).abs() / sd).max() < 0.15
+    assert ((torch.cov(draws.T) - cov).abs() / (sd[:, None] * sd[None, :])).max() < 0.15
+    r_hat, ess = r_hat_and_ess(run.draws)
+    assert r_hat < 1.02 and ess > 400
+    # the adapted metric is the posterior's scale: step size near 1 in whitened units
+    assert 0.3 < run.state.step_size < 2.5
+    assert set(run.stats) == {
+        "diverging",
+        "acceptance_rate",
+        "n_steps",
+        "step_size",
+        "energy",
+        "lp",
+    }
+    assert all(v.shape == (16, 150) for v in run.stats.values())
+
+
+def test_a_continued_run_keeps_its_tuning_and_its_target():
+    mean, cov = _correlated_gaussian()
+    flat = FlatPotential(GaussianPotential(mean, cov), {"x": torch.zeros(4, dtype=torch.float64)})
+    starts = torch.randn(8, 4, dtype=torch.float64)
+    first = run_lockstep(flat, starts, torch.eye(4, dtype=torch.float64), 20, 150)
+    more = run_lockstep(flat, None, None, 200, 0, state=first.state)
+    assert more.state.step_size == first.state.step_size
+    assert more.state.halton_index == first.state.halton_index + 200
+    sd = cov.diagonal().sqrt()
+    assert ((more.draws.reshape(-1, 4).mean(0) - mean).abs() / sd).max() < 0.2
+
+
+def test_whitening_round_trip_and_within_chain_estimate():
+    mean, cov = _correlated_gaussian(3)
+    for metric in (cov, cov.diagonal()):
+        white = Whitening(mean, metric)
+        x = torch.randn(5, 3, dtype=torch.float64)
+        torch.testing.assert_close(white.to_x(white.to_w(x)), x)
+    # two chains holding the same Gaussian around far-apart modes (a relabelling): the pooled
+    # within-chain covariance is the Gaussian's, not the spread between the modes
+    chol = torch.linalg.cholesky(cov)
+    draws = torch.randn(2, 4000, 3, dtype=torch.float64) @ chol.T
+    draws[1] += 50.0
+    est = Whitening.estimate(draws, dense=True)
+    est_cov = est.scale @ est.scale.T
+    assert ((est_cov - cov).abs() / cov.diagonal().max()).max() < 0.1
+
+
+def test_warmup_windows_and_jitter():
+    windows = warmup_windows(400)
+    assert windows == sorted(windows) and windows[-1] == 360 and windows[0] >= 60
+    bounds = [60] + windows
+    sizes = [bounds[i + 1] - bounds[i] for i in range(len(windows))]
+    assert sizes == sorted(sizes) and sizes[0] == 25  # windows doubling from 25
+    assert warmup_windows(40) == []
+    values = [halton(i) for i in range(1, 65)]
+    assert all(0 < v < 1 for v in values) and len(set(values)) == 64
+    assert abs(sum(values) / 64 - 0.5) < 0.02  # low discrepancy: evenly spread
+
+
+def test_nested_r_hat_sees_groups_that_disagree():
+    torch.manual_seed(0)
+    agree = torch.randn(8, 100, 2)
+    assert nested_r_hat(agree, 2) < 1.05
+    disagree = agree.clone()
+    disagree[4:] += 2.0  # the second group of four chains sits elsewhere
+    assert nested_r_hat(disagree, 2) > 1.5
+    with pytest.raises(ValueError, match="superchains"):
+        nested_r_hat(agree, 3)
+    # rank-normalized r-hat is not fooled by heavy tails: Cauchy chains of one target pass
+    cauchy = torch.distributions.Cauchy(0.0, 1.0).sample((4, 500, 1))
+    assert r_hat_and_ess(cauchy)[0] < 1.02
+
+
+def test_compiled_function_checks_every_output_of_a_tuple():
+    compiled = CompiledFunction(lambda x: (2 * x, x.sum()), name="pair")
+    x = torch.arange(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed compile or check would warn
+        doubled, total = compiled(x)
+    torch.testing.assert_close(doubled, 2 * x)
+    assert float(total) == 3.0 and compiled.failed is None
+
+
+def test_a_wild_proposal_gives_a_nan_density_not_an_exception():
+    design = torch.full((5, 2), 1e30)
+    value = linear_gaussian.log_marginal_likelihood(design, torch.ones(5, 1), torch.tensor([1e-30]))
+    assert not math.isfinite(float(value))
+
+
+@pytest.fixture(scope="module")
+def known_rank_fit():
+    data = make_cp_regression((3, 4), 2, rank=1, num_data=120, noise=0.1, seed=0)
+    model = bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3))
+    result = bf.fit(
+        model,
+        data.inputs,
+        data.y,
+        guide="mcmc",
+        num_chains=8,
+        num_samples=60,
+        warmup_steps=150,
+        init_steps=300,
+        jit=False,
+        progress=False,
+    )
+    return data, model, result
+
+
+def test_mcmc_finds_the_true_rank(known_rank_fit):
+    data, model, result = known_rank_fit
+    assert result.method == "mcmc" and result.guide is None
+    samples = result.get_samples(group_by_chain=True)
+    assert samples["layer.rank_scale"].shape == (8, 60, 3)
+    assert result.info["superchains"] == 2 and len(result.info["divergences"]) == 8
+    assert result.info["marginalized"]  # the output sites integrated out
+    posterior = bf.rank_posterior(result)["layer"]
+    low, high = posterior.hdi
+    assert low <= 1 <= high and posterior.mode == 1, posterior.probs.tolist()
+    assert posterior.source == "mcmc"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # short chains may warn
+        diagnostics = result.diagnostics()
+    assert set(diagnostics["nested_r_hat"]) == set(diagnostics["r_hat"])
+    assert diagnostics["r_hat"]["layer.relevance_sorted"] < 1.1
+
+
+def test_mcmc_result_continues_saves_and_exports(known_rank_fit, tmp_path):
+    data, model, result = known_rank_fit
+    more = bf.fit(
+        model,
+        data.inputs,
+        data.y,
+        guide="mcmc",
+        num_chains=8,
+        num_samples=10,
+        resume=result,
+        jit=False,
+        progress=False,
+    )
+    assert more.get_samples(group_by_chain=True)["layer.rank_scale"].shape == (8, 70, 3)
+    assert more.sample_stats["lp"].shape == (8, 70)
+    assert more.info["step_size"] == result.info["step_size"] and more.info["resumed"]
+    torch.testing.assert_close(
+        more.mcmc_samples["layer.rank_scale"][:, :60], result.mcmc_samples["layer.rank_scale"]
+    )
+    path = tmp_path / "fit.pt"
+    more.save(path)
+    loaded = bf.load(path, bf.Regressor(bf.CPFusion((3, 4), 2, max_rank=3)))
+    assert loaded.method == "mcmc"
+    torch.testing.assert_close(loaded.mcmc_samples["noise"], more.mcmc_samples["noise"])
+    idata = bf.to_inference_data(more)
+    assert "diverging" in idata.sample_stats and "n_steps" in idata.sample_stats
+
+
+def test_mcmc_options_are_checked(known_rank_fit):
+    data, model, result = known_rank_fit
+    args = (model, data.inputs, data.y)
+    with pytest.raises(ValueError, match="num_chains"):
+        bf.fit(*args, guide="mcmc", num_chains=1)
+    with pytest.raises(ValueError, match="superchains"):
+        bf.fit(*args, guide="mcmc", num_chains=8, superchains=3)
+    with pytest.raises(ValueError, match="target_accept_prob"):
+        bf.fit(*args, guide="mcmc", target_accept_prob=1.5)
+    with pytest.raises(TypeError, match="max_tree_depth.*fit_nuts"):
+        bf.fit(*args, guide="mcmc", max_tree_depth=5)
+    svi = bf.fit(*args, guide="map", num_steps=5, progress=False)
+    with pytest.raises(ValueError, match="resume: expected a result of guide='mcmc'"):
+        bf.fit(*args, guide="mcmc", resume=svi)
+    with pytest.raises(ValueError, match="num_chains: the resumed fit has 8 chains"):
+        bf.fit(*args, guide="mcmc", num_chains=4, resume=result, jit=False, progress=False)
