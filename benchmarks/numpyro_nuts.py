@@ -34,7 +34,15 @@ MISSING = 3
 
 
 def run_twin(
-    inputs, y, held_out=None, *, max_rank: int, draws: int, likelihood="normal", dense=False
+    inputs,
+    y,
+    held_out=None,
+    *,
+    max_rank: int,
+    draws: int,
+    likelihood="normal",
+    dense=False,
+    seed: int = 0,
 ) -> dict | None:
     """Run this script on torch data in a fresh process (JAX's device count is set before it
     starts): ``inputs`` / ``held_out`` M tensors ``(N, d_m)``, ``y`` targets ``(N, P)`` or labels
@@ -61,6 +69,8 @@ def run_twin(
             str(draws),
             "--likelihood",
             likelihood,
+            "--seed",
+            str(seed),
         ]
         proc = subprocess.run(cmd + (["--dense"] if dense else []), capture_output=True, text=True)
     if proc.returncode == MISSING:

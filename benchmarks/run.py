@@ -31,9 +31,8 @@ from harness import Context, Report, machine  # noqa: E402
 
 def scored(name: str) -> Callable[[Context], str]:
     """A section that scores predictions instead of timing them (``benchmarks/<name>.py``:
-    ``classification``, ``calibration``, ``nuts_models``, ``sbc``, ``xox_accuracy`` or
-    ``rank_coverage``): it
-    writes its own table, ``<name>.md``, which the section returns for ``results.md``."""
+    ``classification``, ``calibration``, ``nuts_models``, ``many_chains``, ``sbc``,
+    ``xox_accuracy`` or ``rank_coverage``): it writes its own table, ``<name>.md``, which the section returns for ``results.md``."""
 
     def run(ctx: Context) -> str:
         module = importlib.import_module(name)
@@ -58,6 +57,7 @@ SECTIONS: dict[str, Callable[[Context], str | None]] = {
     "classification": scored("classification"),
     "calibration": scored("calibration"),
     "nuts_models": scored("nuts_models"),
+    "many_chains": scored("many_chains"),
     "sbc": scored("sbc"),
     "xox_accuracy": scored("xox_accuracy"),
     "rank_coverage": scored("rank_coverage"),

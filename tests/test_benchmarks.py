@@ -50,6 +50,10 @@ def test_benchmarks_quick_writes_table(tmp_path):
     nuts = json.loads((tmp_path / "nuts_models.json").read_text())["rows"]
     assert nuts
     assert all(isinstance(r["marginalized"], list) and r["r_hat_pred"] >= 1.0 for r in nuts)
+    # many chains in lockstep: diagnostics and ESS/s per fit
+    assert "## Many chains in lockstep" in table
+    lockstep = json.loads((tmp_path / "many_chains.json").read_text())["rows"]
+    assert lockstep and all(r["r_hat_pred"] >= 1.0 and r["ess_per_s"] > 0 for r in lockstep)
     # XOX layers: accuracy against parameter count, nn.Linear / XOX / low-rank rows
     assert "## XOX layers: accuracy against parameter count" in table
     xox = json.loads((tmp_path / "xox_accuracy.json").read_text())["rows"]

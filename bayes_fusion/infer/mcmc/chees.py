@@ -20,7 +20,10 @@ implementations are BlackJAX's ``chees_adaptation`` and TensorFlow Probability's
   the references; every iteration takes ``ceil(u T / step size)`` steps with ``u`` from a Halton
   sequence (jitter: no fixed length resonates with the posterior);
 * **divergences** -- a transition whose energy error exceeds :data:`DIVERGENCE_ENERGY` (or is
-  not finite) is rejected and counted.
+  not finite) is rejected and counted;
+* **stuck chains** -- at the end of each warm-up window a chain that hardly moved in it (mean
+  acceptance under :data:`STUCK_ACCEPTANCE`) restarts from another chain's position
+  (:func:`move_stuck_chains`); never after warm-up.
 
 The leapfrog step runs through ``torch.compile`` where asked (:class:`~..compiled
 .CompiledFunction`, checked against eager, eager if compiling fails); momenta and jitter are
@@ -47,6 +50,7 @@ __all__ = [
     "LockstepRun",
     "Whitening",
     "halton",
+    "move_stuck_chains",
     "run_lockstep",
     "warmup_windows",
 ]
@@ -59,6 +63,8 @@ DENSE_METRIC_MAX_DIM = 500
 TRAJECTORY_LR, TRAJECTORY_BETA2, TRAJECTORY_CLIP = 0.025, 0.95, 0.35
 #: weight of iteration t in the moving averages of log step size and log T: t ** -DECAY
 DECAY = 0.5
+#: a chain whose mean acceptance probability over a warm-up window is below this is stuck
+STUCK_ACCEPTANCE = 0.1
 
 
 def halton(index: int, base: int = 2) -> float:
@@ -127,6 +133,29 @@ class Whitening:
         return self.loc, self.scale
 
 
+def move_stuck_chains(x: Tensor, stuck: Tensor) -> tuple[Tensor, int]:
+    """Move every stuck chain to the position of a chain drawn at random from the others.
+
+    One step size and one metric serve every chain; a chain that wandered during warm-up into
+    a region they do not fit (a narrow ridge where the factors trade scale with each other)
+    stops moving -- its acceptance falls to ~0 -- and it would stay there, telling nothing of
+    the posterior but failing r-hat. During warm-up, whose draws are discarded, such a chain is
+    given a moving chain's position instead (its own momenta then take it elsewhere). After
+    warm-up no chain is moved: a chain that gets stuck while drawing is left for r-hat to see.
+
+    :param x: positions ``(C, D)``. :param stuck: ``(C,)`` bool.
+    :returns: the new positions and the number of chains moved (0 when every chain is stuck).
+    """
+    healthy = torch.nonzero(~stuck).flatten()
+    moved = int(stuck.sum())
+    if moved == 0 or healthy.numel() == 0:
+        return x, 0
+    donors = healthy[torch.randint(healthy.numel(), (moved,), device=x.device)]
+    out = x.clone()
+    out[stuck] = x[donors]
+    return out, moved
+
+
 def warmup_windows(warmup: int) -> list[int]:
     """The iterations (1-based counts of warm-up iterations done) after which the metric is
     re-estimated: Stan's schedule -- an initial 15 % adapting the step size and trajectory
@@ -178,6 +207,7 @@ class LockstepRun:
         ``acceptance_rate``, ``n_steps``, ``step_size``, ``energy``, ``lp``), name -> ``(C, S)``.
     :ivar divergences: per chain, the indices of divergent transitions after warm-up.
     :ivar warmup_divergences: divergent transitions during warm-up, all chains.
+    :ivar restarted_chains: stuck chains moved during warm-up (:func:`move_stuck_chains`).
     :ivar state: where the run stopped (:class:`ChEESState`), to continue from.
     :ivar gradients: batched potential-and-gradient calls made (each moves every chain).
     :ivar compile: the compiled step's report (``None``: eager).
@@ -187,6 +217,7 @@ class LockstepRun:
     stats: dict[str, Tensor]
     divergences: list[list[int]]
     warmup_divergences: int
+    restarted_chains: int
     state: ChEESState
     gradients: int
     compile: dict | None
@@ -404,7 +435,8 @@ def run_lockstep(
         adaptation = _Adaptation(step_size, target_accept_prob, max_steps)
         windows = warmup_windows(warmup_steps)
     chains = x.shape[0]
-    window, draws, warmup_divergences = [], [], 0
+    window, window_acceptance, draws = [], [], []
+    warmup_divergences = restarted_chains = 0
     stats = {name: [] for name in ("diverging", "acceptance_rate", "n_steps", "energy", "lp")}
     total = warmup_steps + num_samples
     with tqdm(total=total, disable=not progress, desc="MCMC (lockstep chains)", leave=False) as bar:
@@ -423,15 +455,22 @@ def run_lockstep(
                 warmup_divergences += int(divergent.sum())
                 adaptation.update(w0, w1, p1, prob, divergent, jitter)
                 window.append(whitening.to_x(w))
-                if windows and i + 1 == windows[0]:
-                    windows.pop(0)
-                    x_now = whitening.to_x(w)
-                    whitening = Whitening.estimate(torch.stack(window, 1), dense)
-                    window = []
+                window_acceptance.append(prob)
+                new_metric = bool(windows) and i + 1 == windows[0]
+                if new_metric or i + 1 == warmup_steps:
+                    stuck = torch.stack(window_acceptance).mean(0) < STUCK_ACCEPTANCE
+                    x_now, moved = move_stuck_chains(whitening.to_x(w), stuck)
+                    restarted_chains += moved
+                    if new_metric:
+                        windows.pop(0)
+                        recent = torch.stack(window, 1)
+                        whitening = Whitening.estimate(recent[~stuck] if moved else recent, dense)
+                    window, window_acceptance = [], []
                     w = whitening.to_w(x_now)
                     u, g = leapfrog.value_and_grad(w, whitening)
-                    restart = _initial_step_size(trajectory, w, u, g, whitening, step_size)
-                    adaptation.restart(restart, max(adaptation.trajectory_length, restart))
+                    if new_metric:
+                        restart = _initial_step_size(trajectory, w, u, g, whitening, step_size)
+                        adaptation.restart(restart, max(adaptation.trajectory_length, restart))
                 if i + 1 == warmup_steps:
                     step_size, length = adaptation.final()
             else:
@@ -460,6 +499,7 @@ def run_lockstep(
         stats=out_stats,
         divergences=divergences,
         warmup_divergences=warmup_divergences,
+        restarted_chains=restarted_chains,
         state=final,
         gradients=leapfrog.calls,
         compile=leapfrog.report(),

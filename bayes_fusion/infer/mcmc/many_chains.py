@@ -5,9 +5,10 @@ approximation there, chain 0 at the point itself), runs ChEES-HMC on all of them
 (:mod:`.chees`: one batched potential-and-gradient call moves every chain) and returns the same
 :class:`~bayes_fusion.FitResult` as :func:`~bayes_fusion.fit_nuts`. The potential is NUTS's
 (:func:`~.nuts.choose_potential`): a Gaussian ``Regressor``'s output sites integrated out, the
-factors of inactive components non-centred, a ``Classifier``'s class contrasts. The
-Polya-Gamma block of a binary classifier is a per-chain Gibbs step and is not used here: its
-logistic likelihood is sampled directly.
+factors of every component non-centred (one step size serves all chains; a centred component
+whose scale shrinks in some chain is a funnel it cannot leave), a ``Classifier``'s class
+contrasts. The Polya-Gamma block of a binary classifier is a per-chain Gibbs step and is not
+used here: its logistic likelihood is sampled directly.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ from .chees import DENSE_METRIC_MAX_DIM, ChEESState, run_lockstep
 from .nuts import check_continuous_latents, choose_potential
 from .output_marginal import supports_output_marginal
 from .potential import FlatPotential, flatten_params
-from .starts import START_JITTER, centred_components, chain_starts, map_point
+from .starts import START_JITTER, chain_starts, map_point
 
-__all__ = ["MCMCOptions", "default_draws", "fit_mcmc"]
+__all__ = ["MAP_RESTARTS", "MCMCOptions", "default_draws", "fit_mcmc"]
 
+#: MAP fits the chains start around (fewer than NUTS's: many chains and a warm-up that moves
+#: stuck chains make one poor MAP optimum cheaper, and the whole fit's time counts)
+MAP_RESTARTS = 2
 #: draws of all chains together that ``num_samples=None`` aims at
 TOTAL_DRAWS = 4000
 #: fewest draws per chain ``num_samples=None`` gives (r-hat needs a few per chain)
@@ -65,14 +69,14 @@ class MCMCOptions:
 def fit_mcmc(
     model,
     *args,
-    num_chains: int = 32,
+    num_chains: int = 16,
     num_samples: int | None = None,
-    warmup_steps: int = 400,
+    warmup_steps: int = 500,
     seed: int | None = 0,
     progress: bool = True,
     target_accept_prob: float = 0.8,
-    max_steps: int = 64,
-    init_steps: int = 2000,
+    max_steps: int = 128,
+    init_steps: int = 1000,
     jit: str | bool = "auto",
     marginalize: str | bool = "auto",
     dense_metric: str | bool = "auto",
@@ -103,7 +107,8 @@ def fit_mcmc(
     :param target_accept_prob: target of the harmonic mean of the chains' acceptance
         probabilities (step-size adaptation).
     :param max_steps: most leapfrog steps in one iteration.
-    :param init_steps: SVI steps of each of the MAP fits the chains start around.
+    :param init_steps: SVI steps of each of the ``MAP_RESTARTS`` (2) MAP fits whose best point
+        the chains start around.
     :param jit: run the leapfrog step through ``torch.compile`` (a one-off compile of
         10-20 s on a 2-core CPU; eager, with a warning, if compiling fails). ``"auto"``: when
         the model computes its log joint without Pyro's handlers (the library's
@@ -185,17 +190,13 @@ def _run(model, args: tuple, options: MCMCOptions, resume: FitResult | None) -> 
     """One lockstep fit with validated options, inside the fit's own RNG streams."""
     t0 = time.perf_counter()
     layers = rank_layers(model).values()
+    values = None
     if resume is None:
-        point = map_point(model, args, options.init_steps)
+        point = map_point(model, args, options.init_steps, restarts=MAP_RESTARTS)
         values = {k: v[0] for k, v in point.items()}
-        centered = {
-            layer.site_name(layer.SCALE_SITE): centred_components(layer, point) for layer in layers
-        }
-    else:
-        values, centered = (
-            None,
-            {k: torch.tensor(v) for k, v in resume.info["centered_components"].items()},
-        )
+    # every component non-centred: one step size serves every chain, and a centred component
+    # whose scale shrinks in some chain is a funnel that chain cannot leave
+    centered = {layer.site_name(layer.SCALE_SITE): torch.zeros(layer.rank) for layer in layers}
     potential = choose_potential(
         model, args, centered, jit=False, marginalize=options.marginalize, gibbs=False
     )
@@ -254,6 +255,7 @@ def _run(model, args: tuple, options: MCMCOptions, resume: FitResult | None) -> 
         "divergences": [len(d) for d in divergences],
         "divergence_indices": divergences,
         "warmup_divergences": run.warmup_divergences,
+        "restarted_chains": run.restarted_chains,
         "step_size": run.state.step_size,
         "trajectory_length": run.state.trajectory_length,
         "gradients": run.gradients,
