@@ -77,6 +77,27 @@ def test_a_continued_run_keeps_its_tuning_and_its_target():
     assert ((more.draws.reshape(-1, 4).mean(0) - mean).abs() / sd).max() < 0.2
 
 
+class BranchingGaussian(GaussianPotential):
+    """The same Gaussian, computed through a Python branch on a value: vmap cannot batch it."""
+
+    def potential(self, params):
+        d = params["x"] - self.mean
+        if bool(d.detach().sum() > 1e9):  # never true, but reads a value
+            d = 2 * d
+        return 0.5 * d @ self.precision @ d
+
+
+def test_a_potential_that_does_not_batch_runs_its_chains_one_by_one():
+    mean, cov = _correlated_gaussian(2)
+    flat = FlatPotential(BranchingGaussian(mean, cov), {"x": torch.zeros(2, dtype=torch.float64)})
+    starts = torch.randn(4, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="does not broadcast over a leading chain dimension"):
+        run = run_lockstep(flat, starts, torch.ones(2, dtype=torch.float64), 150, 100, compile=True)
+    assert isinstance(run.batched, str) and run.compile is None
+    sd = cov.diagonal().sqrt()
+    assert ((run.draws.reshape(-1, 2).mean(0) - mean).abs() / sd).max() < 0.3
+
+
 def test_whitening_round_trip_and_within_chain_estimate():
     mean, cov = _correlated_gaussian(3)
     for metric in (cov, cov.diagonal()):
@@ -160,6 +181,7 @@ def test_mcmc_finds_the_true_rank(known_rank_fit):
     samples = result.get_samples(group_by_chain=True)
     assert samples["layer.rank_scale"].shape == (8, 60, 3)
     assert result.info["superchains"] == 2 and len(result.info["divergences"]) == 8
+    assert result.info["batched"] is True
     assert result.info["marginalized"]  # the output sites integrated out
     posterior = bf.rank_posterior(result)["layer"]
     low, high = posterior.hdi

@@ -1,5 +1,8 @@
 """Markov chain Monte Carlo, one module per piece:
 
+* :mod:`.many_chains` -- :func:`~bayes_fusion.fit_mcmc` (``guide="mcmc"``): many chains in
+  lockstep on the same potentials; :mod:`.chees` its sampler (ChEES-HMC on a ``(chains, dim)``
+  state: batched, compiled leapfrog steps, adaptation across chains);
 * :mod:`.nuts` -- :func:`~bayes_fusion.fit_nuts`: picks the potential, runs the chains, builds
   the result (one path, one ``info`` schema, for every model);
 * :mod:`.potential` -- the potential protocol (:class:`~.potential.Potential`: value and
@@ -12,7 +15,8 @@
 * :mod:`.starts` -- the MAP start, which components to centre, the chains' starting points;
 * :mod:`.chains` -- running chains (Pyro's NUTS on the flat potential, worker processes,
   the Laplace metric); :mod:`.worker` a chain's worker process;
-* :mod:`.diagnostics` -- r-hat / ESS on label-switching-invariant quantities.
+* :mod:`.diagnostics` -- the label-switching-invariant quantities diagnosed;
+  :mod:`.convergence` -- rank-normalized r-hat, bulk ESS, nested r-hat and their thresholds.
 
 This package's ``__init__`` imports nothing: import from the modules (or from
 :mod:`bayes_fusion`), so that no import runs in a circle through it.

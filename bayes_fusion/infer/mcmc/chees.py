@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pyro
 import torch
@@ -211,6 +212,7 @@ class LockstepRun:
     :ivar state: where the run stopped (:class:`ChEESState`), to continue from.
     :ivar gradients: batched potential-and-gradient calls made (each moves every chain).
     :ivar compile: the compiled step's report (``None``: eager).
+    :ivar batched: ``True`` when the chains were evaluated in one batched call, else why not.
     """
 
     draws: Tensor
@@ -221,12 +223,19 @@ class LockstepRun:
     state: ChEESState
     gradients: int
     compile: dict | None
+    batched: bool | str
 
 
 class _Leapfrog:
     """One leapfrog step of every chain in whitened coordinates (identity mass):
     ``(w, p, g, step_size, loc, scale) -> (w, p, U, g)`` with ``U`` ``(C,)`` the potential and
-    ``g`` ``(C, D)`` its gradient in ``w``; through ``torch.compile`` when ``compile``."""
+    ``g`` ``(C, D)`` its gradient in ``w``; through ``torch.compile`` when ``compile``.
+
+    The chains are evaluated in one ``torch.func.vmap`` call. A potential that does not
+    broadcast over the chain dimension (a user model whose code reads tensor values, e.g. a
+    data-dependent ``if``) makes the first call fail; the chains are then evaluated one after
+    another, uncompiled (correct, about ``C`` times slower), with one warning, and
+    :attr:`batched` says why."""
 
     def __init__(self, flat, dense: bool, compile: bool) -> None:
         density = getattr(flat.potential, "potential", flat.potential)  # uncounted
@@ -236,30 +245,52 @@ class _Leapfrog:
             x = loc + (scale @ w if dense else scale * w)
             return density(unflatten(x))
 
-        grad_and_value = torch.func.vmap(torch.func.grad_and_value(value), in_dims=(0, None, None))
-
-        def value_and_grad(w: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-            g, u = grad_and_value(w, loc, scale)
-            return u, g
-
-        def step(w, p, g, step_size, loc, scale):
-            p = p - 0.5 * step_size * g
-            w = w + step_size * p
-            u, g = value_and_grad(w, loc, scale)
-            p = p - 0.5 * step_size * g
-            return w, p, u, g
-
-        self._value_and_grad = value_and_grad
-        self._step = step
+        self._single = torch.func.grad_and_value(value)
+        self._batched = torch.func.vmap(self._single, in_dims=(0, None, None))
+        #: ``True`` while the chains are evaluated in one batched call; else why not
+        self.batched: bool | str = True
         # float32 positions and gradients after one step agree to ~1e-4 of their scale
-        compiled = CompiledFunction(step, rtol=1e-3, name="lockstep leapfrog") if compile else None
-        self.compiled = compiled
+        compiled = CompiledFunction(self._step, rtol=1e-3, name="lockstep leapfrog")
+        self.compiled = compiled if compile else None
         self.calls = 0
 
+    def _value_and_grad(self, w: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        if self.batched is True:
+            g, u = self._batched(w, loc, scale)
+            return u, g
+        pairs = [self._single(row, loc, scale) for row in w]
+        return torch.stack([u for _, u in pairs]), torch.stack([g for g, _ in pairs])
+
+    def _step(self, w, p, g, step_size, loc, scale):
+        p = p - 0.5 * step_size * g
+        w = w + step_size * p
+        u, g = self._value_and_grad(w, loc, scale)
+        p = p - 0.5 * step_size * g
+        return w, p, u, g
+
     def value_and_grad(self, w: Tensor, whitening: Whitening) -> tuple[Tensor, Tensor]:
+        """The potential ``(C,)`` and its gradient ``(C, D)`` at ``w``; the first call finds
+        out whether the chains batch."""
         self.calls += 1
         with pyro.validation_enabled(False), torch.no_grad():
+            if self.batched is True and self.calls == 1:
+                try:
+                    return self._value_and_grad(w, *whitening.tensors())
+                except Exception as exc:  # noqa: BLE001 - any vmap failure: loop instead
+                    self._unbatch(exc)
             return self._value_and_grad(w, *whitening.tensors())
+
+    def _unbatch(self, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        self.batched, self.compiled = reason, None
+        warnings.warn(
+            "lockstep chains: the model's log density does not broadcast over a leading chain "
+            f"dimension under torch.func.vmap ({reason}); evaluating the chains one after "
+            "another, uncompiled (correct, slower). Write the model with tensor operations "
+            "only (no Python branches or .item() on values) to batch its chains.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def __call__(self, w, p, g, step_size: Tensor, whitening: Whitening):
         self.calls += 1
@@ -503,4 +534,5 @@ def run_lockstep(
         state=final,
         gradients=leapfrog.calls,
         compile=leapfrog.report(),
+        batched=leapfrog.batched,
     )

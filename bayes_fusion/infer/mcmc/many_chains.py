@@ -260,7 +260,7 @@ def _run(model, args: tuple, options: MCMCOptions, resume: FitResult | None) -> 
         "trajectory_length": run.state.trajectory_length,
         "gradients": run.gradients,
         "dense_metric": run.state.cov.dim() == 2,
-        "batched": flat.batched,
+        "batched": run.batched,
         "compiled": run.compile,
         "resumed": resume is not None,
         "centered_components": {k: v.tolist() for k, v in potential.centered.items()},
