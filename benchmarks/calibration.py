@@ -1,5 +1,6 @@
 """Calibration of posterior intervals: how often the 50% and 90% intervals of the predictive
-mean at held-out points hold the true mean, for NUTS and every SVI guide.
+mean at held-out points hold the true mean, for both MCMC samplers (``mcmc``: the lockstep
+sampler with its defaults; ``nuts``: 2 chains x (500 + 500)) and every SVI guide.
 
     python benchmarks/calibration.py [--quick] [--replications K] --out DIR
 
@@ -31,7 +32,7 @@ from bayes_fusion.ops import cp_fusion
 
 SIZES, OUT, RANK, MAX_RANK = (4, 5, 3), 2, 2, 4
 LEVELS = (0.5, 0.9)
-GUIDES = ("map", "meanfield", "lowrank", "full", "nuts")
+GUIDES = ("map", "meanfield", "lowrank", "full", "nuts", "mcmc")
 
 
 def coverage(draws: torch.Tensor, truth: torch.Tensor, level: float) -> float:
@@ -79,6 +80,8 @@ def replication(seed: int, guides, quick: bool, task: str = "regression") -> lis
             options = {"num_samples": draws, "warmup_steps": draws, "num_chains": 2}
             if quick:
                 options.update(scored_section.QUICK_NUTS)
+        elif guide == "mcmc":
+            options = dict(scored_section.QUICK_MCMC) if quick else {}
         else:
             options = {"num_steps": 300 if quick else 3000}
         model = factory()

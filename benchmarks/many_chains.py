@@ -168,7 +168,7 @@ def main(argv=None):
 
     args = scored_section.parse_args(__doc__, argv, "a smoke test: one model, one seed", options)
     seeds = 1 if args.quick else args.seeds
-    quick = {"warmup_steps": 60, "num_samples": 20, "init_steps": 200} if args.quick else {}
+    quick = dict(scored_section.QUICK_MCMC) if args.quick else {}
     only = args.only or (["Regressor(CPFusion)"] if args.quick else None)
     start = time.perf_counter()
     rows, twins = [], {}

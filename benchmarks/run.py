@@ -32,7 +32,8 @@ from harness import Context, Report, machine  # noqa: E402
 def scored(name: str) -> Callable[[Context], str]:
     """A section that scores predictions instead of timing them (``benchmarks/<name>.py``:
     ``classification``, ``calibration``, ``nuts_models``, ``many_chains``, ``sbc``,
-    ``xox_accuracy`` or ``rank_coverage``): it writes its own table, ``<name>.md``, which the section returns for ``results.md``."""
+    ``xox_accuracy`` or ``rank_coverage``): it writes its own table, ``<name>.md``, which the
+    section returns for ``results.md``."""
 
     def run(ctx: Context) -> str:
         module = importlib.import_module(name)

@@ -1,4 +1,4 @@
-"""Simulation-based calibration (SBC, Talts et al. 2018) of NUTS and a VI guide.
+"""Simulation-based calibration (SBC, Talts et al. 2018) of the MCMC samplers and a VI guide.
 
     python benchmarks/sbc.py [--quick] [--replications K] [--guides G ...] --out DIR
 
@@ -6,15 +6,17 @@ Per replication: draw every latent of ``Regressor(CPFusion((3, 4), 1, max_rank=3
 from the model's own prior and the targets from its likelihood (the model's ``forward`` under
 ``poutine.trace``, 100 training rows), fit, and take ``L = 19`` posterior draws (NUTS with the
 default MAP start: 2 chains x (200 warm-up + 200 draws), tree depth <= 6, thinned evenly to
-about the runs' ESS; a VI guide (2000 steps): independent draws). The *rank* of each true value
-among its ``L`` draws is recorded for the label-switching-invariant quantities: the sorted
-scales lambda and the noise-free predictive mean at 8 held-out rows. If the posterior is exact,
-every rank is uniform on ``0..L`` whatever the prior draw, so the ranks' histogram over
-replications is flat: a U shape means over-confident intervals, a hump under-confident ones, a
-slope a biased posterior. Reported per guide and quantity group: a chi-square test of
-uniformity over 10 bins, the fraction of ranks in the outer 10% (nominal 0.1), the replications
-whose chains mixed (max r-hat <= 1.01 over sorted lambda and predictive means), and the
-histograms (``DIR/sbc.png``, with the 99% band of a uniform histogram).
+about the runs' ESS; ``mcmc``, the lockstep sampler with its defaults (16 chains), its draws
+pooled and thinned evenly; a VI guide (2000 steps): independent draws). The replications run in
+one process: the lockstep sampler's compiled step is reused from the compile caches. The
+*rank* of each true value among its ``L`` draws is recorded for the label-switching-invariant
+quantities: the sorted scales lambda and the noise-free predictive mean at 8 held-out rows. If
+the posterior is exact, every rank is uniform on ``0..L`` whatever the prior draw, so the
+ranks' histogram over replications is flat: a U shape means over-confident intervals, a hump
+under-confident ones, a slope a biased posterior. Reported per guide and quantity group: a
+chi-square test of uniformity over 10 bins, the fraction of ranks in the outer 10% (nominal
+0.1), the replications whose chains mixed (max r-hat <= 1.01 over sorted lambda and predictive
+means), and the histograms (``DIR/sbc.png``, with the 99% band of a uniform histogram).
 
 ``eta = 0.1``: under the default ``eta = 1`` the prior's targets are far from standardized (the
 prediction scales as lambda^3, so a HalfCauchy(1) draw of lambda ~ 20 gives targets of std
@@ -43,7 +45,7 @@ ETA = 0.1  # rank-prior scale (see the module doc)
 DRAWS = 19  # L: ranks take the values 0..L (about the ESS of the NUTS runs, so ~independent)
 NUTS_DRAWS, NUTS_DEPTH = 200, 6  # per chain (and as many warm-up steps); tree depth limit
 BINS = 10
-GUIDES = ("nuts", "meanfield")
+GUIDES = ("mcmc", "nuts", "meanfield")
 
 
 def make_model() -> bf.Regressor:
@@ -87,6 +89,14 @@ def thin(chains: torch.Tensor, count: int) -> torch.Tensor:
     return chains[:, index].reshape((count,) + chains.shape[2:])
 
 
+def thin_pooled(chains: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` draws spread evenly over all draws of all chains (chain-major): ``(C, D, ...)``
+    -> ``(count, ...)``, for more chains than draws wanted."""
+    pooled = chains.reshape((-1,) + chains.shape[2:])
+    index = torch.linspace(0, pooled.shape[0] - 1, count).round().long()
+    return pooled[index]
+
+
 def rank_statistic(draws: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """SBC rank: how many of the ``L`` ``draws`` ``(L, ...)`` are below ``truth`` ``(...)``
     (ties, e.g. collapsed scales, split at random); flattened, values in ``0..L``."""
@@ -109,6 +119,8 @@ def fit_draws(guide: str, sim: dict, seed: int, quick: bool) -> tuple[dict, dict
         }
         if quick:
             options["init_steps"] = 200
+    elif guide == "mcmc":
+        options = dict(scored_section.QUICK_MCMC) if quick else {}
     else:
         options = {"num_steps": 300 if quick else 2000}
     start = time.perf_counter()
@@ -122,8 +134,10 @@ def fit_draws(guide: str, sim: dict, seed: int, quick: bool) -> tuple[dict, dict
         chains = result.mcmc_samples[sim["scale_site"]]
         pred = result.predict(sim["test"], return_samples=True)["mean_samples"]
         pred = pred.reshape(chains.shape[:2] + pred.shape[1:])
-        # L draws: L + 1 spread evenly over both chains, less the first
-        lam, pred = thin(chains, DRAWS + 1)[1:], thin(pred, DRAWS + 1)[1:]
+        # L draws: L + 1 spread evenly over the chains (pooled when they are many), less the
+        # first
+        spread = thin if (DRAWS + 1) % chains.shape[0] == 0 else thin_pooled
+        lam, pred = spread(chains, DRAWS + 1)[1:], spread(pred, DRAWS + 1)[1:]
         info["divergences"] = sum(result.info["divergences"])
         info["marginalized"] = result.info["marginalized"]
         with warnings.catch_warnings():

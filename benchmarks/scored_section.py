@@ -15,6 +15,9 @@ import torch
 #: fit_nuts options of a section's NUTS fits under ``--quick`` (a smoke test): short MAP starts
 #: and trees
 QUICK_NUTS = {"init_steps": 200, "max_tree_depth": 5}
+#: fit_mcmc options of a section's lockstep fits under ``--quick``: short MAP starts, warm-up
+#: and draws
+QUICK_MCMC = {"init_steps": 200, "warmup_steps": 60, "num_samples": 20}
 
 
 def parse_args(doc: str, argv, quick_help: str, extra: Callable | None = None):

@@ -43,7 +43,7 @@ def test_benchmarks_quick_writes_table(tmp_path):
     # the calibration section: interval coverage for every guide and NUTS
     assert "## Calibration" in table
     summary = json.loads((tmp_path / "calibration.json").read_text())["summary"]
-    assert {s["guide"] for s in summary} == {"map", "meanfield", "lowrank", "full", "nuts"}
+    assert {s["guide"] for s in summary} == {"map", "meanfield", "lowrank", "full", "nuts", "mcmc"}
     assert all(0.0 <= s["coverage_0.9"] <= 1.0 for s in summary)
     # NUTS on every model: diagnostics per model
     assert "## NUTS on every model" in table
@@ -63,7 +63,7 @@ def test_benchmarks_quick_writes_table(tmp_path):
     assert "## Simulation-based calibration" in table
     sbc = json.loads((tmp_path / "sbc.json").read_text())
     assert {(s["guide"], s["quantity"]) for s in sbc["summary"]} == {
-        (g, q) for g in ("nuts", "meanfield") for q in ("lambda", "pred")
+        (g, q) for g in ("mcmc", "nuts", "meanfield") for q in ("lambda", "pred")
     }
     for s in sbc["summary"]:
         key = f"ranks_{s['quantity']}"

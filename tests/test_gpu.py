@@ -84,3 +84,23 @@ def test_fit_on_gpu_deterministic_with_deterministic_algorithms(guide):
     cpu_pred = cpu.predict([x.cpu() for x in inputs], num_samples=20)["mean"]
     rmse = lambda p: float((p - y.cpu()).pow(2).mean().sqrt())  # noqa: E731
     assert abs(rmse(gpu_pred) - rmse(cpu_pred)) < 0.05
+
+
+def test_lockstep_chains_run_on_the_gpu():
+    inputs, y = _data("cuda")
+    result = bf.fit(
+        bf.Regressor(bf.CPFusion((3, 4, 5), 2, max_rank=4)).cuda(),
+        inputs,
+        y,
+        guide="mcmc",
+        num_chains=8,
+        num_samples=30,
+        warmup_steps=100,
+        init_steps=200,
+        progress=False,
+    )
+    lam = result.get_samples(group_by_chain=True)["layer.rank_scale"]
+    assert lam.shape == (8, 30, 4) and lam.device.type == "cuda"
+    assert result.sample_stats["n_steps"].device.type == "cuda"
+    rank = bf.rank_posterior(result)["layer"]
+    assert rank.hdi[0] <= 2 <= rank.hdi[1]

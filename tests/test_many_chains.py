@@ -51,7 +51,7 @@ def test_lockstep_chains_recover_a_correlated_gaussian(dense):
     assert ((draws.mean(0) - mean).abs() / sd).max() < 0.15
     assert ((torch.cov(draws.T) - cov).abs() / (sd[:, None] * sd[None, :])).max() < 0.15
     r_hat, ess = r_hat_and_ess(run.draws)
-    assert r_hat < 1.02 and ess > 400
+    assert r_hat < 1.05 and ess > 800  # 2400 draws; r-hat of 16 short chains scatters to ~1.03
     # the adapted metric is the posterior's scale: step size near 1 in whitened units
     assert 0.3 < run.state.step_size < 2.5
     assert set(run.stats) == {

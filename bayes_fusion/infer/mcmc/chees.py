@@ -13,8 +13,9 @@ implementations are BlackJAX's ``chees_adaptation`` and TensorFlow Probability's
   Laplace approximation at the MAP point and is re-estimated at the end of each warm-up window
   from the draws of every chain in the window (Stan's doubling windows, its shrinkage towards a
   small diagonal);
-* **step size** -- dual averaging (``pyro.ops.dual_averaging``) of the harmonic mean of the
-  chains' acceptance probabilities towards ``target_accept_prob``;
+* **step size** -- dual averaging (``pyro.ops.dual_averaging``) of the chains' mean acceptance
+  probability towards ``target_accept_prob`` (the references' harmonic mean let one chain in a
+  narrow region shrink every chain's step many-fold);
 * **trajectory length** -- ``T`` maximizes the ChEES criterion (the change in the chains'
   spread about their mean over one trajectory), by Adam on ``log T`` with the clipped update of
   the references; every iteration takes ``ceil(u T / step size)`` steps with ``u`` from a Halton
@@ -62,7 +63,7 @@ DIVERGENCE_ENERGY = 1000.0
 DENSE_METRIC_MAX_DIM = 500
 #: Adam on log T (the references' settings): learning rate, second-moment decay, update clip
 TRAJECTORY_LR, TRAJECTORY_BETA2, TRAJECTORY_CLIP = 0.025, 0.95, 0.35
-#: weight of iteration t in the moving averages of log step size and log T: t ** -DECAY
+#: weight of iteration t in the moving average of log T: t ** -DECAY
 DECAY = 0.5
 #: a chain whose mean acceptance probability over a warm-up window is below this is stuck
 STUCK_ACCEPTANCE = 0.1
@@ -342,8 +343,9 @@ class _Trajectory:
 
 
 class _Adaptation:
-    """Step size (dual averaging of the harmonic-mean acceptance) and trajectory length (Adam
-    on the ChEES criterion in ``log T``), each averaged over recent iterations."""
+    """Step size (dual averaging of the chains' mean acceptance probability) and trajectory
+    length (Adam on the ChEES criterion in ``log T``, its moving average over recent
+    iterations)."""
 
     def __init__(self, step_size: float, target_accept_prob: float, max_steps: int) -> None:
         self.target = target_accept_prob
@@ -356,7 +358,6 @@ class _Adaptation:
         """Start the step size's dual averaging afresh at ``step_size`` (after a new metric)."""
         self.dual = DualAveraging(prox_center=math.log(10 * step_size))
         self.step_size = step_size
-        self.log_step_ma = math.log(step_size)
         self.trajectory_length = trajectory_length
         self.log_t_ma = math.log(trajectory_length)
         self.t = 1
@@ -369,7 +370,6 @@ class _Adaptation:
         log_step = self.dual.get_state()[0]
         if math.isfinite(log_step):
             self.step_size = math.exp(log_step)
-        self.log_step_ma = (1 - weight) * self.log_step_ma + weight * math.log(self.step_size)
         # trajectory: gradient of ChEES in log T (the proposals' spread vs the starts')
         a = torch.where(ok, accept_prob, 0.0)
         if float(a.sum()) > 0:
@@ -386,6 +386,9 @@ class _Adaptation:
                 v_hat = self.second_moment / (1 - TRAJECTORY_BETA2**self.t)
                 update = TRAJECTORY_LR * grad / (math.sqrt(v_hat) + 1e-8)
                 self.log_t += max(-TRAJECTORY_CLIP, min(TRAJECTORY_CLIP, update))
+        # never shorter than one step: T that started at a tiny first step size would
+        # otherwise take hundreds of iterations to catch up with the step size's growth
+        self.log_t = max(self.log_t, math.log(self.step_size))
         self.log_t_ma = (1 - weight) * self.log_t_ma + weight * self.log_t
         self.trajectory_length = min(
             max(math.exp(self.log_t_ma), self.step_size), self.max_steps * self.step_size
@@ -402,12 +405,12 @@ class _Adaptation:
 
 
 def _initial_step_size(trajectory, w, u, g, whitening, start: float = 0.5) -> float:
-    """A step size whose one-step acceptance (harmonic mean over chains) is near 0.8:
-    halve or double ``start`` until it crosses (Stan's heuristic, batched)."""
+    """A step size whose one-step acceptance (mean over chains) is near 0.8: halve or double
+    ``start`` until it crosses (Stan's heuristic, batched)."""
 
     def accept(step_size):
         _, (_, _, prob, _), _ = trajectory(w, u, g, step_size, 1, whitening)
-        return float(1.0 / (1.0 / prob.clamp(min=1e-10)).mean())
+        return float(prob.mean())
 
     step_size = start
     up = accept(step_size) > 0.8
@@ -442,7 +445,7 @@ def run_lockstep(
         its kind is the run's. Ignored with ``state`` (its metric is kept).
     :param num_samples: draws per chain after warm-up.
     :param warmup_steps: warm-up iterations (adaptation); ``0`` with ``state``: continue.
-    :param target_accept_prob: target of the harmonic-mean acceptance probability.
+    :param target_accept_prob: target of the chains' mean acceptance probability.
     :param max_steps: most leapfrog steps in one iteration.
     :param compile: run the leapfrog step through ``torch.compile``.
     :param state: continue a run from its :class:`ChEESState` without adapting again.
@@ -508,7 +511,7 @@ def run_lockstep(
                 draws.append(whitening.to_x(w))
                 stats["diverging"].append(divergent)
                 stats["acceptance_rate"].append(prob)
-                stats["n_steps"].append(torch.full((chains,), float(steps)))
+                stats["n_steps"].append(torch.full((chains,), float(steps), device=w.device))
                 stats["energy"].append(energy)
                 stats["lp"].append(-u)
             bar.update(1)

@@ -87,7 +87,7 @@ def fit_mcmc(
 
     All chains move together: one batched evaluation of the potential and its gradient per
     leapfrog step, every chain taking the same number of steps. Warm-up adapts one step size
-    (dual averaging of the chains' harmonic-mean acceptance), the trajectory length (ChEES,
+    (dual averaging of the chains' mean acceptance probability), the trajectory length (ChEES,
     jittered) and the metric (dense or diagonal, from the chains' draws) -- see
     :mod:`bayes_fusion.infer.mcmc.chees`.
 
@@ -104,8 +104,8 @@ def fit_mcmc(
     :param seed: seed of this fit's random draws (MAP starts, chain starts, momenta); the
         caller's global RNG streams are left as they were. ``None``: the global streams.
     :param progress: show progress bars.
-    :param target_accept_prob: target of the harmonic mean of the chains' acceptance
-        probabilities (step-size adaptation).
+    :param target_accept_prob: target of the chains' mean acceptance probability (step-size
+        adaptation).
     :param max_steps: most leapfrog steps in one iteration.
     :param init_steps: SVI steps of each of the ``MAP_RESTARTS`` (2) MAP fits whose best point
         the chains start around.
@@ -129,8 +129,10 @@ def fit_mcmc(
         (``get_samples(group_by_chain=True)``: site -> ``(chains, draws, ...)``),
         ``sample_stats`` (``(chains, draws)`` each: ``diverging``, ``acceptance_rate``,
         ``n_steps``, ``step_size``, ``energy``, ``lp``) and ``info`` (``divergences`` per
-        chain, ``warmup_divergences``, ``step_size``, ``trajectory_length``, ``gradients``
-        (batched calls), ``seconds`` and ``seconds_breakdown``, the potential's settings).
+        chain, ``warmup_divergences``, ``restarted_chains`` (stuck chains moved during
+        warm-up), ``step_size``, ``trajectory_length``, ``gradients`` (batched calls),
+        ``batched`` (``True`` or why not), ``compiled``, ``superchains``, ``seconds`` and
+        ``seconds_breakdown``, the potential's settings, ``sampler_state`` for ``resume``).
     :raises ValueError: bad options (named), a discrete latent site, or a ``resume`` result
         that is not an MCMC fit of this sampler.
     """
@@ -299,7 +301,9 @@ def _starts_and_metric(potential, start: dict, options: MCMCOptions):
     flat_starts = torch.stack([flatten_params(p)[0] for p in points])
     flat_starts = flat_starts.repeat_interleave(per_group, dim=0)
     if metric is None:
-        cov = torch.full((dim,), START_JITTER**2, dtype=flat_starts.dtype)
+        cov = torch.full(
+            (dim,), START_JITTER**2, dtype=flat_starts.dtype, device=flat_starts.device
+        )
         return flat_starts, torch.diag(cov) if dense else cov
     cov = next(iter(metric.values()))
     return flat_starts, cov if dense else cov.diagonal().clone()
