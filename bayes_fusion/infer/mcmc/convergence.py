@@ -107,7 +107,7 @@ def convergence_problems(quantities: dict[str, Tensor], divergences: list[int]) 
             continue
         r_hat, ess = r_hat_and_ess(value)
         if not r_hat <= MAX_R_HAT:
-            problems.append(f"r-hat {r_hat:.2f} > {MAX_R_HAT} for {name}")
+            problems.append(f"r-hat {r_hat:.3f} > {MAX_R_HAT} for {name}")
         if not ess >= MIN_ESS:
             problems.append(f"ESS {ess:.0f} < {MIN_ESS:.0f} for {name}")
     return problems

@@ -236,13 +236,7 @@ def _run(model, args: tuple, options: MCMCOptions, resume: FitResult | None) -> 
         samples = potential.complete(potential.constrain(unconstrained))
     stats, divergences = run.stats, run.divergences
     if resume is not None:
-        samples = {k: torch.cat([resume.mcmc_samples[k], v], 1) for k, v in samples.items()}
-        stats = {k: torch.cat([resume.sample_stats[k], v], 1) for k, v in stats.items()}
-        before = resume.mcmc_samples[next(iter(samples))].shape[1]
-        divergences = [
-            old + [before + j for j in new]
-            for old, new in zip(resume.info["divergence_indices"], divergences, strict=True)
-        ]
+        samples, stats, divergences = _after(resume, samples, stats, divergences)
     info = {
         "seconds": time.perf_counter() - t0,
         "seconds_breakdown": {
@@ -274,6 +268,20 @@ def _run(model, args: tuple, options: MCMCOptions, resume: FitResult | None) -> 
         "sampler_state": dataclasses.asdict(run.state),
     }
     return FitResult(model, None, "mcmc", args, mcmc_samples=samples, info=info, sample_stats=stats)
+
+
+def _after(resume: FitResult, samples: dict, stats: dict, divergences: list):
+    """The draws, statistics and divergence indices of a continued run appended to those of
+    the fit it continues (per chain, along the draws)."""
+    before = resume.mcmc_samples[next(iter(samples))].shape[1]
+    return (
+        {k: torch.cat([resume.mcmc_samples[k], v], 1) for k, v in samples.items()},
+        {k: torch.cat([resume.sample_stats[k], v], 1) for k, v in stats.items()},
+        [
+            old + [before + j for j in new]
+            for old, new in zip(resume.info["divergence_indices"], divergences, strict=True)
+        ],
+    )
 
 
 def _start_description(options: MCMCOptions, resume: FitResult | None) -> str:
