@@ -65,6 +65,10 @@ DENSE_METRIC_MAX_DIM = 500
 TRAJECTORY_LR, TRAJECTORY_BETA2, TRAJECTORY_CLIP = 0.025, 0.95, 0.35
 #: weight of iteration t in the moving average of log T: t ** -DECAY
 DECAY = 0.5
+#: fewest leapfrog steps the trajectory length spans: where chains hold the posterior in
+#: different modes the ChEES criterion can shrink T to one step, a random walk (r-hat 2-3.5
+#: on Regressor(XOXLinear), seed 2)
+MIN_STEPS = 4
 #: a chain whose mean acceptance probability over a warm-up window is below this is stuck
 STUCK_ACCEPTANCE = 0.1
 
@@ -351,15 +355,18 @@ class _Adaptation:
         self.target = target_accept_prob
         self.max_steps = max_steps
         self.restart(step_size, step_size)
-        self.log_t = math.log(step_size)
         self.second_moment = 0.0
 
     def restart(self, step_size: float, trajectory_length: float) -> None:
-        """Start the step size's dual averaging afresh at ``step_size`` (after a new metric)."""
+        """Start the step size's dual averaging afresh at ``step_size`` and the trajectory
+        length's average at ``trajectory_length`` (after a new metric); the trajectory length
+        Adam moves is raised to it where it fell below (a tiny first step size would otherwise
+        hold it at one leapfrog step for the whole run)."""
         self.dual = DualAveraging(prox_center=math.log(10 * step_size))
         self.step_size = step_size
         self.trajectory_length = trajectory_length
         self.log_t_ma = math.log(trajectory_length)
+        self.log_t = max(getattr(self, "log_t", -math.inf), self.log_t_ma)
         self.t = 1
 
     def update(self, w0, w1, p1, accept_prob, divergent, jitter: float) -> None:
@@ -386,13 +393,8 @@ class _Adaptation:
                 v_hat = self.second_moment / (1 - TRAJECTORY_BETA2**self.t)
                 update = TRAJECTORY_LR * grad / (math.sqrt(v_hat) + 1e-8)
                 self.log_t += max(-TRAJECTORY_CLIP, min(TRAJECTORY_CLIP, update))
-        # never shorter than one step: T that started at a tiny first step size would
-        # otherwise take hundreds of iterations to catch up with the step size's growth
-        self.log_t = max(self.log_t, math.log(self.step_size))
         self.log_t_ma = (1 - weight) * self.log_t_ma + weight * self.log_t
-        self.trajectory_length = min(
-            max(math.exp(self.log_t_ma), self.step_size), self.max_steps * self.step_size
-        )
+        self.trajectory_length = self._clipped(math.exp(self.log_t_ma), self.step_size)
         self.t += 1
 
     def final(self) -> tuple[float, float]:
@@ -400,8 +402,11 @@ class _Adaptation:
         step_size = math.exp(self.dual.get_state()[1])
         if not math.isfinite(step_size):
             step_size = self.step_size
-        length = min(max(math.exp(self.log_t_ma), step_size), self.max_steps * step_size)
-        return step_size, length
+        return step_size, self._clipped(math.exp(self.log_t_ma), step_size)
+
+    def _clipped(self, length: float, step_size: float) -> float:
+        """``length`` within ``[MIN_STEPS, max_steps]`` steps of ``step_size``."""
+        return min(max(length, MIN_STEPS * step_size), self.max_steps * step_size)
 
 
 def _initial_step_size(trajectory, w, u, g, whitening, start: float = 0.5) -> float:
