@@ -169,7 +169,7 @@ def test_bad_distributed_arguments(monkeypatch):
         bf.fit(worker.model(), inputs, y, distributed=True, progress=False)
     with pytest.raises(TypeError, match=r"distributed: expected True or False, got 'yes'"):
         bf.fit(worker.model(), inputs, y, distributed="yes")
-    with pytest.raises(ValueError, match=r"distributed: NUTS runs on one process"):
+    with pytest.raises(ValueError, match=r"distributed: guide=.nuts. runs on one process"):
         bf.fit(worker.model(), inputs, y, guide="nuts", distributed=True)
     plain = bf.CPFusion((4, 5, 3), 2, max_rank=4)
     with pytest.raises(ValueError, match=r"distributed: this model has no num_data"):
