@@ -234,37 +234,36 @@ class LockstepRun:
 class _Leapfrog:
     """One leapfrog step of every chain in whitened coordinates (identity mass):
     ``(w, p, g, step_size, loc, scale) -> (w, p, U, g)`` with ``U`` ``(C,)`` the potential and
-    ``g`` ``(C, D)`` its gradient in ``w``; through ``torch.compile`` when ``compile``.
+    ``g`` ``(C, D)`` its gradient in ``w`` (the flat potential's gradient in ``x`` through the
+    whitening map); through ``torch.compile`` when ``compile``.
 
-    The chains are evaluated in one ``torch.func.vmap`` call. A potential that does not
-    broadcast over the chain dimension (a user model whose code reads tensor values, e.g. a
-    data-dependent ``if``) makes the first call fail; the chains are then evaluated one after
-    another, uncompiled (correct, about ``C`` times slower), with one warning, and
+    The chains are evaluated in one batched call of the flat potential
+    (:meth:`~.potential.FlatPotential.value_and_grad`). A potential that does not broadcast
+    over the chain dimension (a user model whose code reads tensor values, e.g. a
+    data-dependent ``if``) makes the first call fall back to one chain after another; the
+    steps then run uncompiled (correct, about ``C`` times slower), with one warning, and
     :attr:`batched` says why."""
 
     def __init__(self, flat, dense: bool, compile: bool) -> None:
-        density = getattr(flat.potential, "potential", flat.potential)  # uncounted
-        unflatten = flat.unflatten
-
-        def value(w: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-            x = loc + (scale @ w if dense else scale * w)
-            return density(unflatten(x))
-
-        self._single = torch.func.grad_and_value(value)
-        self._batched = torch.func.vmap(self._single, in_dims=(0, None, None))
-        #: ``True`` while the chains are evaluated in one batched call; else why not
-        self.batched: bool | str = True
+        self.flat = flat
+        self.dense = dense
         # float32 positions and gradients after one step agree to ~1e-4 of their scale
         compiled = CompiledFunction(self._step, rtol=1e-3, name="lockstep leapfrog")
         self.compiled = compiled if compile else None
         self.calls = 0
 
+    @property
+    def batched(self) -> bool | str:
+        """``True`` while the chains are evaluated in one batched call; else why not."""
+        return self.flat.batched
+
     def _value_and_grad(self, w: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-        if self.batched is True:
-            g, u = self._batched(w, loc, scale)
-            return u, g
-        pairs = [self._single(row, loc, scale) for row in w]
-        return torch.stack([u for _, u in pairs]), torch.stack([g for g, _ in pairs])
+        x = loc + (w @ scale.T if self.dense else scale * w)
+        if self.flat.batched is True:
+            u, g = self.flat.batched_value_and_grad(x)
+        else:
+            u, g = self.flat.looped_value_and_grad(x)
+        return u, (g @ scale if self.dense else g * scale)  # d/dw = scale^T d/dx
 
     def _step(self, w, p, g, step_size, loc, scale):
         p = p - 0.5 * step_size * g
@@ -277,22 +276,23 @@ class _Leapfrog:
         """The potential ``(C,)`` and its gradient ``(C, D)`` at ``w``; the first call finds
         out whether the chains batch."""
         self.calls += 1
-        with pyro.validation_enabled(False), torch.no_grad():
-            if self.batched is True and self.calls == 1:
-                try:
-                    return self._value_and_grad(w, *whitening.tensors())
-                except Exception as exc:  # noqa: BLE001 - any vmap failure: loop instead
-                    self._unbatch(exc)
-            return self._value_and_grad(w, *whitening.tensors())
+        loc, scale = whitening.tensors()
+        with torch.no_grad():
+            if self.calls > 1:
+                with pyro.validation_enabled(False):
+                    return self._value_and_grad(w, loc, scale)
+            u, g = self.flat.value_and_grad(whitening.to_x(w))
+            if self.flat.batched is not True:
+                self._unbatch()
+            return u, (g @ scale if self.dense else g * scale)
 
-    def _unbatch(self, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-        self.batched, self.compiled = reason, None
+    def _unbatch(self) -> None:
+        self.compiled = None
         warnings.warn(
             "lockstep chains: the model's log density does not broadcast over a leading chain "
-            f"dimension under torch.func.vmap ({reason}); evaluating the chains one after "
-            "another, uncompiled (correct, slower). Write the model with tensor operations "
-            "only (no Python branches or .item() on values) to batch its chains.",
+            f"dimension under torch.func.vmap ({self.flat.batched}); evaluating the chains one "
+            "after another, uncompiled (correct, slower). Write the model with tensor "
+            "operations only (no Python branches or .item() on values) to batch its chains.",
             RuntimeWarning,
             stacklevel=5,
         )

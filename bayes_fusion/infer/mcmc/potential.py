@@ -185,24 +185,32 @@ class FlatPotential:
         :returns: ``(value (...), gradient (..., D))``.
         """
         lead, flat = z.shape[:-1], z.reshape(-1, z.shape[-1])
-
-        density = getattr(self.potential, "potential", self.potential)  # uncompiled, uncounted
-
-        def one(point):
-            return density(self._unflatten(point))
-
-        grad_and_value = torch.func.grad_and_value(one)
         with pyro.validation_enabled(False):  # argument checks read values: not batchable
             if self.batched is True:
                 try:
-                    grad, value = torch.func.vmap(grad_and_value)(flat)
+                    value, grad = self.batched_value_and_grad(flat)
                     return value.reshape(lead), grad.reshape(z.shape)
                 except Exception as exc:  # noqa: BLE001 - any vmap failure: loop instead
                     self.batched = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            pairs = [grad_and_value(point) for point in flat]
-        grad = torch.stack([g for g, _ in pairs])
-        value = torch.stack([v for _, v in pairs])
+            value, grad = self.looped_value_and_grad(flat)
         return value.reshape(lead), grad.reshape(z.shape)
+
+    def _grad_and_value(self, point: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradient and value at one point ``(D,)`` of the uncompiled, uncounted density."""
+        density = getattr(self.potential, "potential", self.potential)
+        return torch.func.grad_and_value(lambda z: density(self._unflatten(z)))(point)
+
+    def batched_value_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(value (C,), gradient (C, D))`` at ``z`` ``(C, D)`` in one ``torch.func.vmap``
+        call (raises where the potential does not broadcast; free of Python state, so it
+        compiles). Call with Pyro's validation off."""
+        grad, value = torch.func.vmap(self._grad_and_value)(z)
+        return value, grad
+
+    def looped_value_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`batched_value_and_grad` one point after another (any potential)."""
+        pairs = [self._grad_and_value(point) for point in z]
+        return torch.stack([v for _, v in pairs]), torch.stack([g for g, _ in pairs])
 
     def gibbs_init(self, params: dict[str, Tensor]) -> None:
         """The potential's ``gibbs_init`` at ``{SITE: z}``."""
