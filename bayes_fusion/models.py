@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -10,6 +12,8 @@ from torch import Tensor
 
 from ._checks import check_finite, check_positive_float, check_positive_int
 from .layers.base import to_op_layout
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 _NUMPY_HINT = " (convert NumPy arrays with torch.as_tensor({}, dtype=torch.{}))"
 
@@ -169,7 +173,13 @@ class Regressor(_Likelihood):
         log_prior = self.layer.log_prior(values)
         log_prior = log_prior + self._noise_prior(pred.shape[-1], pred.dtype).log_prob(noise)
         y = y.unsqueeze(-1) if y.dim() == 1 else y
-        log_lik = dist.Normal(pred, noise.unsqueeze(-2)).log_prob(y).sum()
+        # sum of Normal(y | pred, noise).log_prob, with the noise terms on (P,) not (N, P)
+        rows = pred.numel() // pred.shape[-1]
+        log_lik = (
+            -0.5 * ((y - pred) / noise).square().sum()
+            - rows * noise.log().sum()
+            - pred.numel() * _HALF_LOG_2PI
+        )
         weight = obs_scale * self._data_scale(pred.shape[-2])
         return latent_scale * log_prior + weight * log_lik
 

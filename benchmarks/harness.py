@@ -78,6 +78,25 @@ def fit_step_time(model, args, reps, repeat, warmup=20, info_out=None, **fit_kw)
     return med, (q[-1] - q[0]) / med
 
 
+def interleaved(measures: dict, rounds: int) -> dict:
+    """Run every measure once per round, the rounds one after another (a machine whose speed
+    drifts then slows every case alike), and return name -> (median seconds over the rounds,
+    relative IQR).
+
+    :param measures: name -> a function returning seconds (e.g. one per step).
+    """
+    times: dict = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            times[name].append(measure())
+    out = {}
+    for name, values in times.items():
+        med = statistics.median(values)
+        q = statistics.quantiles(values, n=4) if len(values) >= 4 else [min(values), max(values)]
+        out[name] = (med, (q[-1] - q[0]) / med)
+    return out
+
+
 class Report:
     def __init__(self):
         self.rows = []

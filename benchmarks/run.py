@@ -30,9 +30,9 @@ from harness import Context, Report, machine  # noqa: E402
 
 
 def scored(name: str) -> Callable[[Context], str]:
-    """A section that scores predictions instead of timing them (``benchmarks/<name>.py``:
-    ``classification``, ``calibration``, ``nuts_models``, ``many_chains``, ``sbc``,
-    ``xox_accuracy`` or ``rank_coverage``): it writes its own table, ``<name>.md``, which the
+    """A section that writes its own table instead of timed rows (``benchmarks/<name>.py``:
+    ``svi_end_to_end``, ``classification``, ``calibration``, ``nuts_models``, ``many_chains``,
+    ``sbc``, ``xox_accuracy`` or ``rank_coverage``): it writes ``<name>.md``, which the
     section returns for ``results.md``."""
 
     def run(ctx: Context) -> str:
@@ -51,6 +51,7 @@ SECTIONS: dict[str, Callable[[Context], str | None]] = {
     "xox": section_xox.xox,
     "svi": section_svi.svi,
     "numpyro": section_svi.numpyro,
+    "svi_end_to_end": scored("svi_end_to_end"),
     "scaling": section_scaling.scaling,
     "throughput": section_scaling.throughput,
     "nuts": section_nuts.nuts,

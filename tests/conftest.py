@@ -1,5 +1,8 @@
+import atexit
 import os
 import random
+import shutil
+import tempfile
 
 import numpy as np
 import pyro
@@ -23,6 +26,23 @@ def _share_the_cores_between_workers():
 
 
 _share_the_cores_between_workers()
+
+
+def _private_compile_cache():
+    """One inductor cache directory per test run (shared by its xdist workers, removed at the
+    end), unless the user set one: the compile-cost records ``fit(jit=None)`` keeps beside
+    the cache (bayes_fusion.infer.svi.jit_choice) must not carry one run's compiles into the
+    next run's choices."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    path = os.path.join(tempfile.gettempdir(), f"bayes-fusion-tests-inductor-{run}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller (or the only process)
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+_private_compile_cache()
 
 
 @pytest.fixture(autouse=True)

@@ -50,6 +50,11 @@ def test_benchmarks_quick_writes_table(tmp_path):
     nuts = json.loads((tmp_path / "nuts_models.json").read_text())["rows"]
     assert nuts
     assert all(isinstance(r["marginalized"], list) and r["r_hat_pred"] >= 1.0 for r in nuts)
+    # whole SVI fits with defaults against NumPyro (its rows empty without numpyro)
+    assert "## SVI end to end" in table
+    e2e = json.loads((tmp_path / "svi_end_to_end.json").read_text())["rows"]
+    assert e2e and all(r["ours_s"] > 0 and r["ours_engine"] == "direct" for r in e2e)
+    assert all(r["jit_choice"]["chosen"] == "eager" for r in e2e)  # 300 steps, nothing on record
     # many chains in lockstep: diagnostics and ESS/s per fit
     assert "## Many chains in lockstep" in table
     lockstep = json.loads((tmp_path / "many_chains.json").read_text())["rows"]

@@ -79,7 +79,7 @@ def test_compiled_loss_follows_the_eager_one_and_the_kl_warmup(small):
 def test_jit_where_it_cannot_compile_warns_and_runs_eagerly(small):
     kw = dict(guide="map", num_steps=8, progress=False)
     plain = bf.fit(_model(), small.inputs, small.y, jit=False, direct_elbo=False, **kw)
-    with pytest.warns(RuntimeWarning, match="jit=True compiles the loss of the library's own"):
+    with pytest.warns(RuntimeWarning, match="jit=True compiles the library's own models"):
         res = bf.fit(_model(), small.inputs, small.y, jit=True, direct_elbo=False, **kw)
     assert res.losses == plain.losses
     with pytest.warns(RuntimeWarning, match="one particle and a preset guide; this fit runs"):

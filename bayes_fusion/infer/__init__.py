@@ -10,7 +10,8 @@
   one result type for every method; :mod:`.persist` the checkpoint file format;
 * shared by both: :mod:`.data` (model arguments, seeds), :mod:`.faults` (numerical trouble),
   :mod:`.log_joint` (a model's log density read off as it runs), :mod:`.compiled`
-  (``torch.compile`` with an eager fallback), :mod:`.seams` (every private attribute of Pyro
+  (``torch.compile`` with an eager fallback), :mod:`.compile_cache` (inductor's on-disk cache:
+  where, on/off, hits), :mod:`.seams` (every private attribute of Pyro
   and torch the package uses).
 """
 

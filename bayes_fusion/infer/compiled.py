@@ -10,8 +10,9 @@ order as in the eager function (inductor's ``fallback_random``).
 Each new compilation is checked once -- the compiled and the eager function are evaluated
 from the same random state and must agree -- and a function that fails the check, or fails to
 compile, runs eagerly from then on (with one warning naming the reason). Compiling costs
-seconds (about 15-20 s for an SVI loss on a 2-core CPU): :attr:`CompiledFunction.compile_seconds`
-records it.
+seconds (about 15-20 s for an SVI loss on a 2-core CPU, a few seconds when inductor's on-disk
+cache holds the graph: :mod:`~bayes_fusion.infer.compile_cache`):
+:attr:`CompiledFunction.compile_seconds` records it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .compile_cache import CacheUse, caching
 from .seams import private_code
 
 __all__ = ["CompiledFunction", "flatten_tensors", "unflatten_tensors"]
@@ -136,6 +138,9 @@ class CompiledFunction:
         #: seconds spent compiling (first calls of every input structure), in all
         self.compile_seconds = 0.0
         self.failed: str | None = None
+        #: what inductor's on-disk cache did for each compilation
+        #: (:mod:`~bayes_fusion.infer.compile_cache`)
+        self.cache_uses: list[CacheUse] = []
 
     def _flat_fn(self, spec):
         def flat(*tensors):
@@ -174,7 +179,7 @@ class CompiledFunction:
             compiled = torch.compile(
                 flat, fullgraph=True, dynamic=False, options={"fallback_random": True}
             )
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), caching() as cache:
                 # the compiler's own use of deprecated torch APIs is nothing a caller can act on
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
@@ -187,6 +192,7 @@ class CompiledFunction:
                     torch.autograd.grad(warm, leaves, allow_unused=True)
                     start.restore()
                 out = compiled(*tensors)
+            self.cache_uses.append(cache.use())
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
             first_line = (str(exc).strip().splitlines() or [""])[0][:300]
             return self._give_up(

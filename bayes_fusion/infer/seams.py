@@ -15,12 +15,17 @@ API serves, the package uses that instead; what is left has none:
 * Dynamo keeps its compiled graphs, and counts recompilations, per code object; a fresh code
   object per compiled function keeps one fit's graphs from using up another's recompile
   budget (:func:`private_code`).
+* Inductor's on-disk cache: where it lives (``cache_dir_utils.cache_dir``), how often a compile
+  hit or missed it (dynamo's ``counters``), and the config switches that turn it off
+  (``fx_graph_cache``, ``enable_autograd_cache``): :func:`inductor_cache_dir`,
+  :func:`inductor_cache_counts`, :func:`inductor_caches_off`.
 * A chain's worker process must import this very package even when it is not installed (a
   source checkout): :func:`worker_environment` puts its root on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from pathlib import Path
@@ -31,6 +36,9 @@ from pyro.ops.integrator import potential_grad
 
 __all__ = [
     "SAMPLE_STATS",
+    "inductor_cache_counts",
+    "inductor_cache_dir",
+    "inductor_caches_off",
     "nuts_kernel_class",
     "private_code",
     "unpack_latent",
@@ -149,3 +157,33 @@ def worker_environment(threads: int) -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
+
+
+def inductor_cache_dir() -> Path:
+    """The directory of inductor's on-disk caches (``TORCHINDUCTOR_CACHE_DIR`` when set,
+    otherwise torch's default, ``<tmp>/torchinductor_<user>``)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()).absolute()
+
+
+def inductor_cache_counts() -> tuple[int, int]:
+    """``(hits, misses)`` of inductor's FX-graph cache in this process so far."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return int(inductor["fxgraph_cache_hit"]), int(inductor["fxgraph_cache_miss"])
+
+
+@contextlib.contextmanager
+def inductor_caches_off():
+    """Inside: compiles neither read nor write inductor's FX-graph cache and AOTAutograd's
+    cache."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with (
+        inductor_config.patch(fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False),
+    ):
+        yield

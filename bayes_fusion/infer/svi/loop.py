@@ -31,7 +31,7 @@ from .batches import (
     prototype_args,
     start_distributed,
 )
-from .fused import FusedSteps, fused_or_none
+from .compilation import Compilation
 from .guides import GUIDES, make_guide
 from .step import SVIStepper, default_optimizer
 
@@ -92,18 +92,22 @@ def fit_svi(
         ``early_stopping_tol`` for this many steps (``None``: run all steps).
     :param callback: called as ``callback(step, loss)`` after each step; returning ``True``
         stops training.
-    :param jit: compile the loss with ``torch.compile`` (one graph, forward and backward;
-        :mod:`bayes_fusion.compiled`). Applies to the library's own models (``Regressor`` /
-        ``Classifier`` around a ``CPFusion`` / ``XOXLinear``), whose log joint is computed
-        without Pyro; every new compilation is checked against the eager loss once, and a
-        failure falls back to eager with one warning. ``None`` (default): compile fits of at
-        least ``COMPILE_MIN_STEPS`` (10,000) steps, where the compile time (15-20 s on a 2-core
-        CPU) pays off; ``True``: always (a warning where it cannot); ``False``: never;
-        ``"fused"``: compile :data:`~bayes_fusion.infer.fused.FUSED_STEPS` whole steps (loss,
-        gradient, Adam update) into one call (:mod:`bayes_fusion.infer.fused`: about 4x faster
-        steps than ``True`` on a small model, for 30-60 s of compile time on a 2-core CPU);
-        needs the full batch, the default optimizer and no ``callback`` / ``early_stopping``
-        / ``checkpoint_path`` / ``distributed`` (otherwise: ``True``, with a warning).
+    :param jit: compile with ``torch.compile`` (the library's own models -- ``Regressor`` /
+        ``Classifier`` around a ``CPFusion`` / ``XOXLinear``, whose log joint is computed
+        without Pyro -- with the direct ELBO; :mod:`bayes_fusion.infer.svi.compilation`).
+        ``True``: whole steps (loss, gradient, clipped-Adam update) compiled into one call
+        (:mod:`bayes_fusion.infer.svi.fused`) where the fit allows it (full batch, the default
+        optimizer, no ``callback`` / ``early_stopping`` / ``checkpoint_path`` /
+        ``distributed``), otherwise the loss (forward and backward); ``"fused"``:
+        :data:`~bayes_fusion.infer.svi.fused.FUSED_STEPS` whole steps per call (faster steps,
+        about 4x the compile time; a warning and the compiled loss where the fit does not
+        allow it); ``False``: eager. ``None`` (default): the fit's first steps run eagerly and
+        are timed, then it compiles (as ``True``) only when the predicted compile time plus
+        compiled steps beat the eager steps left (:mod:`bayes_fusion.infer.svi.jit_choice`:
+        compile times measured on this machine, inductor's on-disk cache
+        (:mod:`bayes_fusion.infer.compile_cache`) taken into account); ``info["jit_choice"]``
+        gives the prediction and the outcome. Every compilation is checked against the eager
+        function once; a failure falls back to eager with one warning.
     :param direct_elbo: compute the one-particle ELBO of the preset guides (``AutoDelta``,
         ``AutoNormal``, ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``)
         straight from the guide parameters (:mod:`bayes_fusion.direct_elbo`: the same value
@@ -132,9 +136,12 @@ def fit_svi(
         threads that spin while the cores are busy with other work can make steps many times
         slower: ``num_threads=1`` is the safe choice on a shared machine.
     :returns: :class:`FitResult` with ``losses`` (one per step) and ``info`` (``seconds``,
-        ``steps``, ``kl_warmup_steps``, ``compile_seconds`` (``None`` when not compiled; not
-        part of ``seconds``' steps but of the fit's wall time), ``rng_state``; with
-        ``jit="fused"`` also ``fused_steps``, the steps per compiled call).
+        ``steps``, ``kl_warmup_steps``, ``loss_engine`` (``"direct"``, ``"direct
+        (compiled)"``, ``"compiled steps"`` or ``"Trace_ELBO"``), ``compile_seconds``
+        (``None`` when not compiled; part of ``seconds``), ``rng_state``; with compiled whole
+        steps ``fused_steps``, the steps per compiled call; with ``jit=None`` on a compilable
+        model ``jit_choice``: ``chosen``, ``eager_step_ms``, ``predicted`` costs and, when
+        compiled, ``actual`` ones).
     :raises NonFiniteLossError: when a loss or gradient turns NaN/inf (names step and sites).
 
     Example::
@@ -189,11 +196,10 @@ def fit_svi(
             optim,
             num_particles=num_particles,
             vectorize_particles=vectorize_particles,
-            jit=jit,
             direct_elbo=direct_elbo,
             sync=sync,
-            num_steps=num_steps,
         )
+        warmup = int(kl_warmup * num_steps)
         unfusable = _unfusable(
             batch_size=batch_size,
             rows=rows,
@@ -202,8 +208,15 @@ def fit_svi(
             checkpoint_path=checkpoint_path,
             sync=sync,
         )
-        fused = fused_or_none(stepper.direct, optim, jit == "fused", unfusable)
-        warmup = int(kl_warmup * num_steps)
+        compilation = Compilation(
+            jit,
+            stepper,
+            optim,
+            unfusable=unfusable,
+            warmup=warmup,
+            num_steps=num_steps,
+            start_step=len(losses),
+        )
         if sync is not None:
             # start every rank from rank 0's values, as DDP does
             sync.attach([p for _, p in sorted(pyro.get_param_store().named_parameters())])
@@ -222,7 +235,7 @@ def fit_svi(
             stopper=_EarlyStopping(early_stopping, early_stopping_tol),
             checkpoints=run if checkpoint_path is not None else None,
             checkpoint_every=checkpoint_every,
-            fused=fused,
+            compilation=compilation,
         )
         if sync is not None:
             sync.check_in_sync(last_step)
@@ -230,11 +243,7 @@ def fit_svi(
             "seconds": time.perf_counter() - t0,
             "steps": last_step,
             "kl_warmup_steps": warmup,
-            "loss_engine": "fused"
-            if fused is not None and fused.failed is None
-            else stepper.engine,
-            "compile_seconds": stepper.compile_seconds,
-            **(fused.report() if fused else {}),
+            **compilation.report(proto_args),
         }
         result = run.finish(losses, info, param_state)
         warn_on_collapse(result)
@@ -378,11 +387,12 @@ def _run_steps(
     stopper: _EarlyStopping,
     checkpoints: _Run | None,
     checkpoint_every: int,
-    fused: FusedSteps | None,
+    compilation: Compilation,
 ) -> int:
     """The training loop from ``len(losses)`` to ``num_steps``; appends to ``losses`` and
-    returns the number of steps done in all (a resumed fit counts its earlier steps). With
-    ``fused``, every step after the first runs in compiled chunks of ``fused.steps``."""
+    returns the number of steps done in all (a resumed fit counts its earlier steps). Once
+    ``compilation`` runs whole compiled steps, every later step runs in compiled chunks of
+    ``compilation.fused.steps``."""
     sync = stepper.sync
     start_step = step = len(losses)
     bar = tqdm(
@@ -394,17 +404,24 @@ def _run_steps(
     )
     try:
         while step < num_steps:
+            fused = compilation.fused if compilation.active else None
             if fused is not None and step > start_step:
-                done, fused = _fused_chunk(fused, stepper, batches, losses, step, num_steps, warmup)
+                done = _fused_chunk(compilation, stepper, batches, losses, step, num_steps)
                 step += done
                 bar.update(done)
-                if progress and done:
+                if progress and done and step % 50 < done:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}")
                 continue
             batch = next(batches)
             if step == start_step:  # Pyro checks model and guide once, before the first step
                 stepper.check(batch, step)
+            started = time.perf_counter()
             loss = stepper(batch, step, _kl_weight(step, warmup))
+            if compilation.probing and step > start_step:
+                spent = time.perf_counter() - started
+                compilation.eager_step_done(spent, num_steps - step - 1, batch)
+            elif compilation.active:
+                compilation.compiled_steps_done(1)
             losses.append(loss)
             step += 1
             bar.update(1)
@@ -423,8 +440,8 @@ def _run_steps(
                     sync.check_in_sync(step)
                 checkpoints.checkpoint(losses)
     finally:
-        if fused is not None:
-            fused.write_back()
+        if compilation.fused is not None:
+            compilation.fused.write_back()
     bar.close()
     return step
 
@@ -434,23 +451,25 @@ def _kl_weight(step: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
-def _fused_chunk(fused, stepper, batches, losses, step, num_steps, warmup):
-    """Run one compiled chunk of steps from ``step``; returns ``(steps done, fused)`` where
-    ``fused`` is ``None`` from now on if compiling failed (the loop goes on step by step).
+def _fused_chunk(compilation, stepper, batches, losses, step, num_steps) -> int:
+    """Run one compiled chunk of steps from ``step``; returns the steps done (0 when compiling
+    failed: the loop goes on step by step).
 
     :raises NonFiniteLossError: a step's loss or gradient was not finite (the parameters are
         those before it)."""
+    fused = compilation.fused
     n = min(fused.steps, num_steps - step)
-    betas = [_kl_weight(s, warmup) for s in range(step, step + n)]
     batch = next(batches)
     try:
-        chunk, bad = fused.run(batch, betas, stepper.anneal.obs_scale)
+        chunk, bad = fused.run(batch, n)
     except RuntimeError as exc:  # only the first call compiles: nothing to write back
-        warnings.warn(f"fit: jit='fused' runs step by step: {exc}", RuntimeWarning, stacklevel=5)
-        return 0, None
+        warnings.warn(f"fit: jit runs step by step: {exc}", RuntimeWarning, stacklevel=5)
+        compilation.fused_failed()
+        return 0
     if bad >= 0:
         losses.extend(chunk[:bad])
         fused.write_back()  # the error names offending sites from the guide's current values
         raise non_finite_error(step + bad, chunk[bad], stepper.model, stepper.guide, batch)
     losses.extend(chunk)
-    return n, fused
+    compilation.compiled_steps_done(n)
+    return n

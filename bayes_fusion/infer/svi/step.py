@@ -5,7 +5,6 @@ gradients."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pyro
 import torch
@@ -19,7 +18,14 @@ from ..faults import non_finite_error, refused_non_finite
 from .elbo import DirectELBO
 from .optim import FusedClippedAdam
 
-__all__ = ["PriorAnneal", "SVIStepper", "default_optimizer", "svi_step"]
+__all__ = [
+    "DirectLoss",
+    "PriorAnneal",
+    "SVIStepper",
+    "compilable_model",
+    "default_optimizer",
+    "svi_step",
+]
 
 
 def default_optimizer(lr: float, num_steps: int, final_lr_fraction: float) -> FusedClippedAdam:
@@ -79,18 +85,6 @@ def svi_step(svi: SVI, batch, sync=None, step: int = 0, direct=None, beta=1.0) -
     return loss
 
 
-#: ``jit=None`` compiles the loss of fits of at least this many steps: compiling costs about
-#: 10-20 s on a 2-core CPU the first time and saves 1.5-2 ms per step there
-#: (benchmarks/results), so it pays off from roughly 7,000 steps on
-COMPILE_MIN_STEPS = 10_000
-
-
-def default_compile(model, num_steps: int) -> bool:
-    """``jit=None``: compile when the model allows it and the fit is long enough to repay the
-    compile time (:data:`COMPILE_MIN_STEPS`)."""
-    return compilable_model(model) and num_steps >= COMPILE_MIN_STEPS
-
-
 def compilable_model(model) -> bool:
     """Whether ``model`` computes its log joint without Pyro (``model.log_joint``: the
     library's ``Regressor`` / ``Classifier`` around a ``CPFusion`` / ``XOXLinear``), so that
@@ -109,19 +103,24 @@ class DirectLoss:
     :param anneal: the KL warm-up / shard-weight messenger (its ``beta`` weights the model's
         latent sites and ``log q``; its ``obs_scale`` the likelihood).
     :param model: the model.
-    :param compiled: compile the loss (:class:`~bayes_fusion.compiled.CompiledFunction`);
-        only for a model with a Pyro-free log joint.
     """
 
-    def __init__(self, direct: DirectELBO, anneal: PriorAnneal, model, compiled: bool) -> None:
+    def __init__(self, direct: DirectELBO, anneal: PriorAnneal, model) -> None:
         self.direct = direct
         self.anneal = anneal
         self.pure = compilable_model(model)
         self.model = model if self.pure else anneal(model)
         self.params = direct.params()
-        self.compiled = (
-            CompiledFunction(self._loss, name="fit(jit)") if compiled and self.pure else None
-        )
+        #: the compiled loss (:meth:`compile`), ``None`` while eager
+        self.compiled: CompiledFunction | None = None
+
+    def compile(self) -> None:
+        """Compile the loss from the next step on (a model with a Pyro-free log joint only:
+        :class:`~bayes_fusion.infer.compiled.CompiledFunction`, eager after a warning when the
+        compile fails)."""
+        if not self.pure:
+            raise ValueError("model: only a Pyro-free log joint (model.log_joint) compiles")
+        self.compiled = CompiledFunction(self._loss, name="fit(jit)")
 
     def _loss(self, beta, obs_scale, params, batch) -> Tensor:
         if self.pure:
@@ -150,19 +149,17 @@ class SVIStepper:
     per batch.
 
     The engine is the direct ELBO (:class:`~bayes_fusion.infer.svi.elbo.DirectELBO`) for the
-    preset guides with one particle, compiled when ``jit`` asks for it (``None``:
-    :func:`default_compile`); otherwise Pyro's ``Trace_ELBO``. Every step of the fit uses that
-    engine. Before the first step Pyro checks model and guide once (its validation as set:
-    shapes, supports, argument values) by evaluating the ELBO, without a step and without
-    drawing from the fit's random stream.
+    preset guides with one particle (its loss compiled when
+    :class:`~bayes_fusion.infer.svi.compilation.Compilation` says so); otherwise Pyro's
+    ``Trace_ELBO``. Every step of the fit uses that engine. Before the first step Pyro checks
+    model and guide once (its validation as set: shapes, supports, argument values) by
+    evaluating the ELBO, without a step and without drawing from the fit's random stream.
 
     :param model: the model. :param guide: the guide (parameters already created).
     :param optim: a ``pyro.optim`` optimizer.
     :param num_particles: ELBO particles. :param vectorize_particles: vectorize them.
-    :param jit: ``None`` / ``True`` / ``False`` / ``"fused"``, as :func:`~bayes_fusion.fit_svi`.
     :param direct_elbo: allow the direct ELBO.
     :param sync: the distributed gradient synchroniser, or ``None``.
-    :param num_steps: the fit's number of steps (for ``jit=None``).
     """
 
     def __init__(
@@ -173,44 +170,19 @@ class SVIStepper:
         *,
         num_particles: int,
         vectorize_particles: bool,
-        jit,
         direct_elbo: bool,
         sync,
-        num_steps: int,
     ) -> None:
         self.model, self.guide, self.sync = model, guide, sync
         self.anneal = PriorAnneal()
         self.direct = None
         if direct_elbo and num_particles == 1 and not DirectELBO.unsupported_reason(guide):
-            wanted = default_compile(model, num_steps) if jit is None else bool(jit)
-            self.direct = DirectLoss(DirectELBO(guide), self.anneal, model, wanted)
-        if jit and self.compile_seconds is None:
-            warnings.warn(
-                "fit: jit=True compiles the loss of the library's own models (bf.Regressor / "
-                "bf.Classifier around CPFusion / XOXLinear) with direct_elbo=True, one particle "
-                "and a preset guide; this fit runs eagerly",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            self.direct = DirectLoss(DirectELBO(guide), self.anneal, model)
         elbo = Trace_ELBO(
             num_particles=num_particles,
             vectorize_particles=vectorize_particles and num_particles > 1,
         )
         self.svi = SVI(self.anneal(model), self.anneal(guide), optim, elbo)
-
-    @property
-    def engine(self) -> str:
-        """The fit's loss engine: ``"direct"``, ``"direct (compiled)"`` or ``"Trace_ELBO"``."""
-        if self.direct is None:
-            return "Trace_ELBO"
-        return "direct" if self.direct.compiled is None else "direct (compiled)"
-
-    @property
-    def compile_seconds(self) -> float | None:
-        """Seconds spent compiling the loss (``None`` when it is not compiled)."""
-        if self.direct is None or self.direct.compiled is None:
-            return None
-        return self.direct.compiled.compile_seconds
 
     def check(self, batch, step: int) -> None:
         """Pyro's checks of model and guide on ``batch`` (its validation as set), by evaluating
