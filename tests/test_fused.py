@@ -85,3 +85,25 @@ def test_fused_steps_need_options_that_let_the_loop_run_on():
     with pytest.raises(ValueError, match="jit: expected None, True, False or 'fused', got 'x'"):
         _fit("map", "x")
     pyro.clear_param_store()
+
+
+def test_a_failed_compile_falls_back_to_eager_steps_with_the_guide_intact(monkeypatch):
+    import bayes_fusion.infer.svi.fused as fused
+
+    def broken(fn, **kw):
+        def call(*args):
+            raise RuntimeError("boom")
+
+        return call
+
+    monkeypatch.setattr(fused.torch, "compile", broken)
+    eager = _fit("map", False, num_steps=12)
+    xs, y = _problem()
+    model = bf.Regressor(bf.CPFusion((3, 4), 1, max_rank=3)).double()
+    with pytest.warns(RuntimeWarning, match="jit runs step by step: RuntimeError: boom"):
+        res = bf.fit(model, xs, y, guide="map", num_steps=12, jit=True, progress=False)
+    assert res.info["loss_engine"] == "direct" and res.info["compile_seconds"] is None
+    assert res.losses == eager.losses  # every step ran eagerly, from where the guide was
+    for name, value in eager.guide.median().items():
+        with res.param_scope():
+            torch.testing.assert_close(res.guide.median()[name], value)

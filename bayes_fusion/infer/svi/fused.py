@@ -220,6 +220,7 @@ class FusedSteps:
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             lines = [ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines()]
             self.failed = " ".join(ln for ln in lines if ln)[:300]
+            self._state = None  # nothing applied: the guide keeps its own values
             raise RuntimeError(self.failed) from exc
         self.compile_seconds += time.perf_counter() - start
         self.cache = cache.use()
@@ -229,6 +230,7 @@ class FusedSteps:
             self.failed = (
                 f"the compiled steps' losses {got.tolist()} differ from eager {want.tolist()}"
             )
+            self._state = None
             raise RuntimeError(self.failed)
         self._checked = True
         return out
