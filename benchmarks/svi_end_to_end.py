@@ -173,6 +173,7 @@ def _row(scratch: Path, threads: int, guide: str, steps: int, quick: bool) -> li
     """Ours and NumPyro, cold then warm caches, for one (threads, guide, steps)."""
     key = f"{threads}-{guide}-{steps}"
     base = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    base.pop("BAYES_FUSION_COMPILE_COSTS", None)  # the records live in each row's cache dir
     cold_dir, warm_dir = scratch / f"cold-{key}", scratch / f"warm-{key}"
     jax_dir = scratch / f"jax-{key}"
     common = ("--guide", guide, "--steps", steps, "--threads", threads)

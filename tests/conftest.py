@@ -30,9 +30,8 @@ _share_the_cores_between_workers()
 
 def _private_compile_cache():
     """One inductor cache directory per test run (shared by its xdist workers, removed at the
-    end), unless the user set one: the compile-cost records ``fit(jit=None)`` keeps beside
-    the cache (bayes_fusion.infer.svi.jit_choice) must not carry one run's compiles into the
-    next run's choices."""
+    end), unless the user set one: no graph compiled by an earlier run makes a compile in
+    this one warm (a test's compile times must not depend on what ran before)."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
@@ -43,6 +42,13 @@ def _private_compile_cache():
 
 
 _private_compile_cache()
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_records(monkeypatch, tmp_path):
+    """Every test starts with no compile costs on record (its own records file), so that
+    ``fit(jit=None)`` decides from the defaults, not from what earlier tests compiled."""
+    monkeypatch.setenv("BAYES_FUSION_COMPILE_COSTS", str(tmp_path / "compile_costs.json"))
 
 
 @pytest.fixture(autouse=True)

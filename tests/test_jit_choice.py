@@ -19,6 +19,8 @@ from bayes_fusion.infer.svi.jit_choice import CostRecords, Prediction, choose
 def test_cache_switch_and_location(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
     assert compile_cache.cache_dir() == tmp_path / "ind"
+    assert compile_cache.costs_path() == tmp_path / "compile_costs.json"  # conftest's own file
+    monkeypatch.delenv(compile_cache.COSTS_ENV)
     assert compile_cache.costs_path() == tmp_path / "ind" / "bayes_fusion" / "compile_costs.json"
     import torch._inductor.config as inductor_config
 

@@ -12,7 +12,8 @@ input, so fits of different lengths share one graph.
 Where: ``TORCHINDUCTOR_CACHE_DIR`` when set, otherwise torch's default
 (``<tmp>/torchinductor_<user>``); :func:`cache_dir` says which. The library keeps its measured
 compile costs (:mod:`bayes_fusion.infer.svi.jit_choice`) beside inductor's files, in
-``<cache dir>/bayes_fusion/``, so that clearing the directory forgets both.
+``<cache dir>/bayes_fusion/compile_costs.json``, so that clearing the directory forgets both
+(``BAYES_FUSION_COMPILE_COSTS`` names another file).
 
 Off switch: set the environment variable ``BAYES_FUSION_COMPILE_CACHE=0`` (or ``off``,
 ``false``, ``no``): the library's compiles then neither read nor write the caches, and every
@@ -28,10 +29,20 @@ from pathlib import Path
 
 from .seams import inductor_cache_counts, inductor_cache_dir, inductor_caches_off
 
-__all__ = ["CACHE_ENV", "CacheUse", "cache_dir", "cache_enabled", "caching", "costs_path"]
+__all__ = [
+    "CACHE_ENV",
+    "COSTS_ENV",
+    "CacheUse",
+    "cache_dir",
+    "cache_enabled",
+    "caching",
+    "costs_path",
+]
 
 #: the environment variable that turns the library's use of the on-disk caches off
 CACHE_ENV = "BAYES_FUSION_COMPILE_CACHE"
+#: the environment variable naming the compile-cost records' file (default: in the cache dir)
+COSTS_ENV = "BAYES_FUSION_COMPILE_COSTS"
 
 
 def cache_enabled() -> bool:
@@ -46,7 +57,11 @@ def cache_dir() -> Path:
 
 
 def costs_path() -> Path:
-    """The file of the library's measured compile costs, inside :func:`cache_dir`."""
+    """The file of the library's measured compile costs: :data:`COSTS_ENV` when set, otherwise
+    ``<cache_dir()>/bayes_fusion/compile_costs.json``."""
+    given = os.environ.get(COSTS_ENV)
+    if given:
+        return Path(given)
     return cache_dir() / "bayes_fusion" / "compile_costs.json"
 
 
