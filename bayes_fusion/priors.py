@@ -1,5 +1,4 @@
-"""Rank priors over the per-component scales ``lambda``, and the prior of the factors they
-scale (:class:`ColumnScaledNormal`).
+"""Rank priors over the per-component scales ``lambda``.
 
 Each prior is an ``nn.Module`` whose parameters are *buffers*, so ``layer.to(device, dtype)``
 moves them and the distributions they build live on the right device with the right dtype.
@@ -16,7 +15,6 @@ from torch import nn
 from ._checks import check_choice, check_positive_float
 
 __all__ = [
-    "ColumnScaledNormal",
     "HalfCauchyRankPrior",
     "LogUniformRankPrior",
     "make_rank_prior",
@@ -24,42 +22,6 @@ __all__ = [
 ]
 
 RANK_PRIORS = ("half_cauchy", "log_uniform")
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-class ColumnScaledNormal(dist.Independent):
-    """The prior of a ``(rows, R)`` factor whose column ``r`` is i.i.d. ``Normal(0, s_r)``:
-    ``Independent(Normal(0, std), 2)`` with ``std`` the column stds expanded over the rows
-    (``base_dist.scale``, ``(..., rows, R)``), whose :meth:`log_prob` works on column sums,
-
-        log p(U) = -sum_r ( sum_i U_ir^2 / (2 s_r^2) + rows log s_r ) - rows R log(2 pi) / 2,
-
-    the same value as the element-wise ``Normal.log_prob`` summed, with a handful of tensor
-    operations instead of a dozen over the whole factor (a fit's step evaluates one per factor).
-
-    :param std: column stds ``(..., R)``. :param rows: the factor's rows.
-    """
-
-    def __init__(self, std: torch.Tensor, rows: int, validate_args=None) -> None:
-        scale = std.unsqueeze(-2).expand(std.shape[:-1] + (rows, std.shape[-1]))
-        super().__init__(dist.Normal(torch.zeros_like(scale), scale), 2, validate_args)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(ColumnScaledNormal, _instance)
-        return super().expand(batch_shape, _instance=new)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        rows, cols = self.event_shape
-        std = self.base_dist.scale[..., 0, :]
-        squares = value.square().sum(-2)
-        return (
-            -0.5 * (squares / std.square()).sum(-1)
-            - rows * std.log().sum(-1)
-            - rows * cols * _HALF_LOG_2PI
-        )
 
 
 class HalfCauchyRankPrior(nn.Module):

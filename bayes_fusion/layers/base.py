@@ -13,7 +13,7 @@ from pyro.poutine.plate_messenger import PlateMessenger
 from torch import Tensor
 
 from .._checks import check_positive_float
-from ..priors import ColumnScaledNormal, make_rank_prior
+from ..priors import make_rank_prior
 
 
 class ParameterBudgetWarning(UserWarning):
@@ -200,7 +200,9 @@ class RankLayer(PyroModule):
 
     def _scaled_prior(self, scales: Tensor, rows: int) -> dist.TorchDistribution:
         """Prior of a ``(rows, R)`` factor whose column ``r`` is ``Normal(0, lambda_r + eps)``."""
-        return ColumnScaledNormal(scales + self.scale_floor, rows)
+        std = (scales + self.scale_floor).unsqueeze(-2)
+        std = std.expand(std.shape[:-2] + (rows, std.shape[-1]))
+        return dist.Normal(torch.zeros_like(std), std).to_event(2)
 
     def _bias_prior(self, size: int, dtype: torch.dtype) -> dist.TorchDistribution:
         """``Normal(0, bias_scale)`` over ``size`` entries, built from the layer's buffers only

@@ -185,20 +185,3 @@ def test_missing_modality_is_exact_predictive_mean():
     assert ((got - mc_mean).abs() < 5 * mc_se + 1e-12).all()
     # and it is not trivially equal to something else: the spread is real
     assert (mc_se > 0).all()
-
-
-def test_scaled_factor_prior_log_prob_is_the_elementwise_normal_one():
-    # the column-sum log density equals Normal(0, std).log_prob summed, with batch dims and
-    # after expand (float64)
-    from bayes_fusion.priors import ColumnScaledNormal
-
-    std = torch.rand(3, 5, dtype=torch.float64) + 0.1
-    prior = ColumnScaledNormal(std, 7)
-    scale = std.unsqueeze(-2).expand(3, 7, 5)
-    ref = pyro.distributions.Normal(torch.zeros_like(scale), scale).to_event(2)
-    value = torch.randn(4, 3, 7, 5, dtype=torch.float64)
-    assert prior.batch_shape == (3,) and prior.event_shape == (7, 5)
-    torch.testing.assert_close(prior.log_prob(value), ref.log_prob(value))
-    wide = prior.expand((2, 3))
-    assert isinstance(wide, ColumnScaledNormal) and wide.batch_shape == (2, 3)
-    torch.testing.assert_close(wide.log_prob(value[:2]), ref.expand((2, 3)).log_prob(value[:2]))
