@@ -33,6 +33,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def median_and_spread(values) -> tuple[float, float]:
+    """The median of ``values`` and their inter-quartile range relative to it."""
+    med = statistics.median(values)
+    q = statistics.quantiles(values, n=4) if len(values) >= 4 else [min(values), max(values)]
+    return med, (q[-1] - q[0]) / med
+
+
 def timeit(fn, device, reps, repeat, warmup=3):
     """Median seconds per call of ``fn`` and the relative IQR over ``repeat`` batches."""
     for _ in range(warmup):
@@ -45,9 +52,7 @@ def timeit(fn, device, reps, repeat, warmup=3):
             fn()
         sync(device)
         times.append((time.perf_counter() - t0) / reps)
-    med = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
-    return med, (q[-1] - q[0]) / med
+    return median_and_spread(times)
 
 
 def fit_step_time(model, args, reps, repeat, warmup=20, info_out=None, **fit_kw):
@@ -73,9 +78,7 @@ def fit_step_time(model, args, reps, repeat, warmup=20, info_out=None, **fit_kw)
         info_out.update(res.info)
     stamps = stamps[warmup:]
     times = [(stamps[(i + 1) * reps] - stamps[i * reps]) / reps for i in range(repeat)]
-    med = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), med, max(times)]
-    return med, (q[-1] - q[0]) / med
+    return median_and_spread(times)
 
 
 def interleaved(measures: dict, rounds: int) -> dict:
@@ -89,12 +92,7 @@ def interleaved(measures: dict, rounds: int) -> dict:
     for _ in range(rounds):
         for name, measure in measures.items():
             times[name].append(measure())
-    out = {}
-    for name, values in times.items():
-        med = statistics.median(values)
-        q = statistics.quantiles(values, n=4) if len(values) >= 4 else [min(values), max(values)]
-        out[name] = (med, (q[-1] - q[0]) / med)
-    return out
+    return {name: median_and_spread(values) for name, values in times.items()}
 
 
 class Report:

@@ -15,9 +15,10 @@ API serves, the package uses that instead; what is left has none:
 * Dynamo keeps its compiled graphs, and counts recompilations, per code object; a fresh code
   object per compiled function keeps one fit's graphs from using up another's recompile
   budget (:func:`private_code`).
-* Inductor's on-disk cache: where it lives (``cache_dir_utils.cache_dir``), how often a compile
-  hit or missed it (dynamo's ``counters``), and the config switches that turn it off
-  (``fx_graph_cache``, ``enable_autograd_cache``): :func:`inductor_cache_dir`,
+* Inductor's on-disk cache: where it lives by default
+  (``cache_dir_utils.default_cache_dir``), how often a compile hit or missed it (dynamo's
+  ``counters``), and the config switches that turn it off (``fx_graph_cache``,
+  ``enable_autograd_cache``): :func:`inductor_cache_dir`,
   :func:`inductor_cache_counts`, :func:`inductor_caches_off`.
 * A chain's worker process must import this very package even when it is not installed (a
   source checkout): :func:`worker_environment` puts its root on ``PYTHONPATH``.

@@ -122,9 +122,20 @@ class Whitening:
             cov = (m / (m + 5.0)) * centred.square().sum(0) / dof + 1e-3 * (5.0 / (m + 5.0))
         return cls(loc, cov)
 
+    @staticmethod
+    def map_to_x(w: Tensor, loc: Tensor, scale: Tensor, dense: bool) -> Tensor:
+        """``x = loc + scale w`` for ``w`` ``(..., D)``, from the map's tensors (so that a
+        compiled function can take them as inputs)."""
+        return loc + (w @ scale.T if dense else w * scale)
+
+    @staticmethod
+    def pull_back(g: Tensor, scale: Tensor, dense: bool) -> Tensor:
+        """A gradient in ``x`` ``(..., D)`` as the gradient in ``w``: ``scale^T g``."""
+        return g @ scale if dense else g * scale
+
     def to_x(self, w: Tensor) -> Tensor:
         """``(..., D)`` whitened -> potential coordinates."""
-        return self.loc + (w @ self.scale.T if self.dense else w * self.scale)
+        return self.map_to_x(w, self.loc, self.scale, self.dense)
 
     def to_w(self, x: Tensor) -> Tensor:
         """``(..., D)`` potential coordinates -> whitened."""
@@ -258,12 +269,12 @@ class _Leapfrog:
         return self.flat.batched
 
     def _value_and_grad(self, w: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-        x = loc + (w @ scale.T if self.dense else scale * w)
+        x = Whitening.map_to_x(w, loc, scale, self.dense)
         if self.flat.batched is True:
             u, g = self.flat.batched_value_and_grad(x)
         else:
             u, g = self.flat.looped_value_and_grad(x)
-        return u, (g @ scale if self.dense else g * scale)  # d/dw = scale^T d/dx
+        return u, Whitening.pull_back(g, scale, self.dense)
 
     def _step(self, w, p, g, step_size, loc, scale):
         p = p - 0.5 * step_size * g
@@ -284,7 +295,7 @@ class _Leapfrog:
             u, g = self.flat.value_and_grad(whitening.to_x(w))
             if self.flat.batched is not True:
                 self._unbatch()
-            return u, (g @ scale if self.dense else g * scale)
+            return u, Whitening.pull_back(g, scale, self.dense)
 
     def _unbatch(self) -> None:
         self.compiled = None
@@ -354,6 +365,7 @@ class _Adaptation:
     def __init__(self, step_size: float, target_accept_prob: float, max_steps: int) -> None:
         self.target = target_accept_prob
         self.max_steps = max_steps
+        self.log_t = -math.inf  # Adam's log T; restart raises it to the average
         self.restart(step_size, step_size)
         self.second_moment = 0.0
 
@@ -366,7 +378,7 @@ class _Adaptation:
         self.step_size = step_size
         self.trajectory_length = trajectory_length
         self.log_t_ma = math.log(trajectory_length)
-        self.log_t = max(getattr(self, "log_t", -math.inf), self.log_t_ma)
+        self.log_t = max(self.log_t, self.log_t_ma)
         self.t = 1
 
     def update(self, w0, w1, p1, accept_prob, divergent, jitter: float) -> None:

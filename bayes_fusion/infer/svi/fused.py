@@ -130,12 +130,6 @@ class FusedSteps:
             finite.append(good)
         return theta, m, v, t, lr, torch.stack(losses), torch.stack(finite)
 
-    def report(self) -> dict:
-        """What :attr:`FitResult.info` says of the fused steps (nothing if they were given up)."""
-        if self.failed is not None:
-            return {}
-        return {"fused_steps": self.steps, "compile_seconds": self.compile_seconds}
-
     # --- state in and out ---------------------------------------------------------------
     @staticmethod
     def unsupported_reason(direct, optim) -> str:
