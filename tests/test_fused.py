@@ -2,6 +2,7 @@
 step-by-step loop's semantics (same losses, the optimizer state written back, NaN/inf stops at
 its step)."""
 
+import json
 import warnings
 
 import pyro
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import bayes_fusion as bf
+from bayes_fusion.infer.compile_cache import costs_path
 from bayes_fusion.infer.svi.fused import FUSED_STEPS
 
 pytestmark = pytest.mark.slow  # each fused fit compiles (seconds; tens of seconds cold)
@@ -41,6 +43,9 @@ def test_fused_steps_follow_the_step_by_step_loop(guide, jit):
     steps = FUSED_STEPS if jit == "fused" else 1
     assert fused.info["fused_steps"] == steps and fused.info["compile_seconds"] > 0
     assert fused.info["loss_engine"] == "compiled steps"
+    # recorded for jit=None's predictions, the unrolled steps apart from one step per call
+    (entry,) = json.loads(costs_path().read_text()).values()
+    assert entry["engine"] == ("steps x8" if jit == "fused" else "steps")
     # the same draws (fallback_random) and the same update: the same losses, float64
     torch.testing.assert_close(
         torch.tensor(fused.losses), torch.tensor(eager.losses), rtol=1e-6, atol=1e-6

@@ -49,6 +49,7 @@ def test_records_predict_from_what_this_machine_measured(tmp_path):
     own = again.predict("g1", "steps", cache_on=True)
     assert own.compile_s == pytest.approx(12.0 * jit_choice.WARM_FRACTION) and own.step_ratio == 0.1
     assert again.predict("g1", "steps", cache_on=False).compile_s == 12.0
+    again.record("g8", "steps x8", 80.0, cold, 0.02)  # jit="fused": not one step per call
     other = again.predict("g3", "steps", cache_on=True)  # unseen graph: the machine's median
     assert other.compile_s == pytest.approx(15.0) and other.step_ratio == 0.1
     assert again.predict("g3", "loss", cache_on=True).compile_s == 20.0  # no loss compiles yet
