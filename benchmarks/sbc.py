@@ -259,8 +259,8 @@ def main(argv=None):
         parser.add_argument("--replications", type=int, default=None, help="default 100")
         parser.add_argument("--guides", nargs="*", default=list(GUIDES), help="guides to check")
 
-    args = scored_section.parse_args(__doc__, argv, "3 replications, short runs", options)
-    replications = args.replications or (3 if args.quick else 100)
+    args = scored_section.parse_args(__doc__, argv, "2 replications, short runs", options)
+    replications = args.replications or (2 if args.quick else 100)
     start = time.perf_counter()
     rows = [r for seed in range(replications) for r in replication(seed, args.guides, args.quick)]
     summary = summarize(rows)
