@@ -77,6 +77,17 @@ def test_a_continued_run_keeps_its_tuning_and_its_target():
     assert ((more.draws.reshape(-1, 4).mean(0) - mean).abs() / sd).max() < 0.2
 
 
+def test_a_run_without_warmup_draws_with_its_starting_tuning():
+    mean, cov = _correlated_gaussian()
+    flat = FlatPotential(GaussianPotential(mean, cov), {"x": torch.zeros(4, dtype=torch.float64)})
+    starts = torch.distributions.MultivariateNormal(mean, cov).sample((8,))
+    run = run_lockstep(flat, starts, cov, num_samples=150, warmup_steps=0)
+    assert run.draws.shape == (8, 150, 4) and run.stats["n_steps"].min() >= 1
+    assert run.state.trajectory_length >= 4 * run.state.step_size  # MIN_STEPS steps
+    sd = cov.diagonal().sqrt()
+    assert ((run.draws.reshape(-1, 4).mean(0) - mean).abs() / sd).max() < 0.3
+
+
 class BranchingGaussian(GaussianPotential):
     """The same Gaussian, computed through a Python branch on a value: vmap cannot batch it."""
 

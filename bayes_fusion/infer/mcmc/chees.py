@@ -406,7 +406,7 @@ class _Adaptation:
                 update = TRAJECTORY_LR * grad / (math.sqrt(v_hat) + 1e-8)
                 self.log_t += max(-TRAJECTORY_CLIP, min(TRAJECTORY_CLIP, update))
         self.log_t_ma = (1 - weight) * self.log_t_ma + weight * self.log_t
-        self.trajectory_length = self._clipped(math.exp(self.log_t_ma), self.step_size)
+        self.trajectory_length = self.clipped(math.exp(self.log_t_ma), self.step_size)
         self.t += 1
 
     def final(self) -> tuple[float, float]:
@@ -414,9 +414,9 @@ class _Adaptation:
         step_size = math.exp(self.dual.get_state()[1])
         if not math.isfinite(step_size):
             step_size = self.step_size
-        return step_size, self._clipped(math.exp(self.log_t_ma), step_size)
+        return step_size, self.clipped(math.exp(self.log_t_ma), step_size)
 
-    def _clipped(self, length: float, step_size: float) -> float:
+    def clipped(self, length: float, step_size: float) -> float:
         """``length`` within ``[MIN_STEPS, max_steps]`` steps of ``step_size``."""
         return min(max(length, MIN_STEPS * step_size), self.max_steps * step_size)
 
@@ -485,6 +485,8 @@ def run_lockstep(
         step_size = _initial_step_size(trajectory, w, u, g, whitening)
         adaptation = _Adaptation(step_size, target_accept_prob, max_steps)
         windows = warmup_windows(warmup_steps)
+        # without warm-up: the initial step size, the shortest trajectory allowed
+        length = adaptation.trajectory_length = adaptation.clipped(step_size, step_size)
     chains = x.shape[0]
     window, window_acceptance, draws = [], [], []
     warmup_divergences = restarted_chains = 0
