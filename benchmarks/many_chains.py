@@ -72,6 +72,7 @@ def run_fit(name: str, factory, args, held_out, seed: int, **options) -> dict:
         "seconds": seconds,
         "compile_seconds": res.info["seconds_breakdown"]["compile"],
         "map_seconds": res.info["seconds_breakdown"]["map_start"],
+        "sampling_seconds": res.info["seconds_breakdown"]["sampling"],
         "gradients": res.info["gradients"],
         "draws": draws,
         "chains": res.info["num_chains"],
@@ -86,14 +87,15 @@ def run_fit(name: str, factory, args, held_out, seed: int, **options) -> dict:
     return row
 
 
-def run_twin(name: str, args, held_out, seed: int) -> dict | None:
-    """The NumPyro NUTS twin of a CP model (``None`` without numpyro)."""
+def run_twin(name: str, args, held_out, seed: int, likelihood: str | None = None) -> dict | None:
+    """The NumPyro NUTS twin of a CP model (``None`` without numpyro); ``likelihood``:
+    ``numpyro_nuts.py``'s (default: ``TWINS[name]``)."""
     twin = numpyro_nuts.run_twin(
         *args,
         held_out,
         max_rank=nuts_models.MAX_RANK,
         draws=TWIN_DRAWS,
-        likelihood=TWINS[name],
+        likelihood=likelihood or TWINS[name],
         seed=seed,
     )
     if twin is not None:

@@ -32,8 +32,8 @@ from harness import Context, Report, machine  # noqa: E402
 def scored(name: str) -> Callable[[Context], str]:
     """A section that writes its own table instead of timed rows (``benchmarks/<name>.py``:
     ``svi_end_to_end``, ``classification``, ``calibration``, ``nuts_models``, ``many_chains``,
-    ``sbc``, ``xox_accuracy`` or ``rank_coverage``): it writes ``<name>.md``, which the
-    section returns for ``results.md``."""
+    ``many_chains_curves``, ``sbc``, ``xox_accuracy`` or ``rank_coverage``): it writes
+    ``<name>.md``, which the section returns for ``results.md``."""
 
     def run(ctx: Context) -> str:
         module = importlib.import_module(name)
@@ -60,6 +60,7 @@ SECTIONS: dict[str, Callable[[Context], str | None]] = {
     "calibration": scored("calibration"),
     "nuts_models": scored("nuts_models"),
     "many_chains": scored("many_chains"),
+    "many_chains_curves": scored("many_chains_curves"),
     "sbc": scored("sbc"),
     "xox_accuracy": scored("xox_accuracy"),
     "rank_coverage": scored("rank_coverage"),

@@ -59,6 +59,11 @@ def test_benchmarks_quick_writes_table(tmp_path):
     assert "## Many chains in lockstep" in table
     lockstep = json.loads((tmp_path / "many_chains.json").read_text())["rows"]
     assert lockstep and all(r["r_hat_pred"] >= 1.0 and r["ess_per_s"] > 0 for r in lockstep)
+    # ... against the number of chains and of training rows
+    assert "## Many chains in lockstep: ESS/s against chains" in table
+    curves = json.loads((tmp_path / "many_chains_curves.json").read_text())
+    assert [r["chains"] for r in curves["chains"]] == [4] and curves["rows"][0]["rows"] == 300
+    assert all(r["gradients"] > 0 and r["ess_per_s"] > 0 for r in curves["chains"] + curves["rows"])
     # XOX layers: accuracy against parameter count, nn.Linear / XOX / low-rank rows
     assert "## XOX layers: accuracy against parameter count" in table
     xox = json.loads((tmp_path / "xox_accuracy.json").read_text())["rows"]
