@@ -485,8 +485,9 @@ def run_lockstep(
         step_size = _initial_step_size(trajectory, w, u, g, whitening)
         adaptation = _Adaptation(step_size, target_accept_prob, max_steps)
         windows = warmup_windows(warmup_steps)
-        # without warm-up: the initial step size, the shortest trajectory allowed
-        length = adaptation.trajectory_length = adaptation.clipped(step_size, step_size)
+        # without warm-up: the initial step size, the shortest trajectory allowed (warm-up
+        # iterations read theirs from the adaptation)
+        length = adaptation.clipped(step_size, step_size)
     chains = x.shape[0]
     window, window_acceptance, draws = [], [], []
     warmup_divergences = restarted_chains = 0
