@@ -34,18 +34,23 @@ TWINS = {**nuts_models.NUMPYRO_TWINS, "Regressor(CPFusion)": "normal"}
 TWIN_DRAWS = 500
 
 
-def cases() -> dict:
-    """name -> (model factory, train args, held-out inputs): nuts_models' and a regression."""
-    out = nuts_models.cases()
-    sizes, n = nuts_models.SIZES, nuts_models.TRAIN + nuts_models.HELD_OUT
-    data = make_cp_regression(sizes, 2, rank=2, num_data=n, noise=0.1, seed=3)
-    train, test = data.split(nuts_models.TRAIN)
-    out["Regressor(CPFusion)"] = (
+def cp_regression_case(train_rows: int = nuts_models.TRAIN) -> tuple:
+    """``(model factory, train args, held-out inputs)`` of ``Regressor(CPFusion)`` on planted
+    rank-2 data of ``train_rows`` rows (and ``nuts_models.HELD_OUT`` held out)."""
+    sizes, n = nuts_models.SIZES, train_rows + nuts_models.HELD_OUT
+    train, test = make_cp_regression(sizes, 2, rank=2, num_data=n, noise=0.1, seed=3).split(
+        train_rows
+    )
+    return (
         lambda: bf.Regressor(bf.CPFusion(sizes, 2, max_rank=nuts_models.MAX_RANK)),
         (train.inputs, train.y),
         test.inputs,
     )
-    return out
+
+
+def cases() -> dict:
+    """name -> (model factory, train args, held-out inputs): nuts_models' and a regression."""
+    return {**nuts_models.cases(), "Regressor(CPFusion)": cp_regression_case()}
 
 
 def run_fit(name: str, factory, args, held_out, seed: int, **options) -> dict:

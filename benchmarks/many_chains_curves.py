@@ -29,13 +29,8 @@ import many_chains
 import nuts_models
 import scored_section
 
-import bayes_fusion as bf
-from bayes_fusion.datasets import make_cp_classification, make_cp_regression
-
 #: the model of the chain-count curve
 CHAINS_MODEL = "Classifier(CPFusion), 2 classes"
-#: held-out rows of the row-count curve's data
-HELD_OUT = 100
 #: draws of a cost-only run (``--cost-only``)
 COST_DRAWS = 5
 
@@ -43,22 +38,12 @@ COST_DRAWS = 5
 def rows_cases(rows: int) -> dict:
     """name -> (model factory, train args, held-out inputs, twin likelihood) at ``rows``
     training rows: the two CP models of ``many_chains.py`` on planted data of that size."""
-    sizes, max_rank, n = nuts_models.SIZES, nuts_models.MAX_RANK, rows + HELD_OUT
-    classes = make_cp_classification(sizes, 2, rank=2, num_data=n, seed=0).split(rows)
-    regression = make_cp_regression(sizes, 2, rank=2, num_data=n, noise=0.1, seed=3).split(rows)
     return {
         "Classifier(CPFusion), 2 classes": (
-            lambda: bf.Classifier(bf.CPFusion(sizes, 2, max_rank=max_rank)),
-            (classes[0].inputs, classes[0].y),
-            classes[1].inputs,
+            *nuts_models.cp_classifier_case(2, rows),
             "categorical",
         ),
-        "Regressor(CPFusion)": (
-            lambda: bf.Regressor(bf.CPFusion(sizes, 2, max_rank=max_rank)),
-            (regression[0].inputs, regression[0].y),
-            regression[1].inputs,
-            "normal",
-        ),
+        "Regressor(CPFusion)": (*many_chains.cp_regression_case(rows), "normal"),
     }
 
 

@@ -61,18 +61,22 @@ def _labels(logits: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
+def cp_classifier_case(classes: int, train_rows: int = TRAIN) -> tuple:
+    """``(model factory, train args, held-out inputs)`` of the CP classifier with ``classes``
+    classes on planted rank-2 data of ``train_rows`` rows (and ``HELD_OUT`` held out)."""
+    data = make_cp_classification(SIZES, classes, rank=2, num_data=train_rows + HELD_OUT, seed=0)
+    train, test = data.split(train_rows)
+    return (
+        lambda: bf.Classifier(bf.CPFusion(SIZES, classes, max_rank=MAX_RANK)),
+        (train.inputs, train.y),
+        test.inputs,
+    )
+
+
 def cases() -> dict:
     """name -> (model factory, train args, held-out inputs)."""
     n = TRAIN + HELD_OUT
-    out = {}
-    for classes in (2, 3):
-        data = make_cp_classification(SIZES, classes, rank=2, num_data=n, seed=0)
-        train, test = data.split(TRAIN)
-        out[f"Classifier(CPFusion), {classes} classes"] = (
-            lambda c=classes: bf.Classifier(bf.CPFusion(SIZES, c, max_rank=MAX_RANK)),
-            (train.inputs, train.y),
-            test.inputs,
-        )
+    out = {f"Classifier(CPFusion), {c} classes": cp_classifier_case(c) for c in (2, 3)}
     xox = make_xox_regression(12, 2, genes=2, num_data=n, noise=0.1, seed=0)
     train, test = xox.split(TRAIN)
     out["Regressor(XOXLinear)"] = (
