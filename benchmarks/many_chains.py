@@ -1,6 +1,6 @@
 """The lockstep sampler (``fit(guide="mcmc")``, ChEES-HMC on many chains) on every model of
 ``nuts_models.py`` plus ``Regressor(CPFusion)``, each fit with its defaults and 3 seeds, against
-the NumPyro NUTS twin (``numpyro_nuts.py``: the CP models, 2 chains x (500 + 500), its own 3
+the NumPyro NUTS twin (``numpyro_nuts.py``: every model, 2 chains x (500 + 500), its own 3
 seeds) in the same run.
 
     python benchmarks/many_chains.py [--quick] [--seeds N] [--only NAME ...] --out DIR
@@ -28,8 +28,8 @@ import scored_section
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_regression
 
-#: the models with a NumPyro twin (numpyro_nuts.py --likelihood ...)
-TWINS = {**nuts_models.NUMPYRO_TWINS, "Regressor(CPFusion)": "normal"}
+#: model name -> its NumPyro twin (``numpyro_nuts.run_twin``'s ``layer`` and ``likelihood``)
+TWINS = {**nuts_models.NUMPYRO_TWINS, "Regressor(CPFusion)": dict(likelihood="normal")}
 #: draws per chain of the NumPyro twin (2 chains, as many warm-up iterations)
 TWIN_DRAWS = 500
 
@@ -92,16 +92,15 @@ def run_fit(name: str, factory, args, held_out, seed: int, **options) -> dict:
     return row
 
 
-def run_twin(name: str, args, held_out, seed: int, likelihood: str | None = None) -> dict | None:
-    """The NumPyro NUTS twin of a CP model (``None`` without numpyro); ``likelihood``:
-    ``numpyro_nuts.py``'s (default: ``TWINS[name]``)."""
+def run_twin(name: str, args, held_out, seed: int) -> dict | None:
+    """The NumPyro NUTS twin of model ``name`` (``TWINS``; ``None`` without numpyro)."""
     twin = numpyro_nuts.run_twin(
         *args,
         held_out,
         max_rank=nuts_models.MAX_RANK,
         draws=TWIN_DRAWS,
-        likelihood=likelihood or TWINS[name],
         seed=seed,
+        **TWINS[name],
     )
     if twin is not None:
         twin["ess_per_s"] = (

@@ -36,14 +36,11 @@ COST_DRAWS = 5
 
 
 def rows_cases(rows: int) -> dict:
-    """name -> (model factory, train args, held-out inputs, twin likelihood) at ``rows``
-    training rows: the two CP models of ``many_chains.py`` on planted data of that size."""
+    """name -> (model factory, train args, held-out inputs) at ``rows`` training rows: the two
+    CP models of ``many_chains.py`` on planted data of that size."""
     return {
-        "Classifier(CPFusion), 2 classes": (
-            *nuts_models.cp_classifier_case(2, rows),
-            "categorical",
-        ),
-        "Regressor(CPFusion)": (*many_chains.cp_regression_case(rows), "normal"),
+        "Classifier(CPFusion), 2 classes": nuts_models.cp_classifier_case(2, rows),
+        "Regressor(CPFusion)": many_chains.cp_regression_case(rows),
     }
 
 
@@ -75,11 +72,11 @@ def rows_curve(sizes: list[int], twins: bool, quick: dict, models: int | None = 
     count, each followed by its NumPyro twin when ``twins``."""
     out = []
     for rows in sizes:
-        for name, (factory, args, held_out, likelihood) in list(rows_cases(rows).items())[:models]:
+        for name, (factory, args, held_out) in list(rows_cases(rows).items())[:models]:
             row = many_chains.run_fit(name, factory, args, held_out, 0, **quick)
             row["rows"] = rows
             if twins:
-                row["twin"] = many_chains.run_twin(name, args, held_out, 0, likelihood)
+                row["twin"] = many_chains.run_twin(name, args, held_out, 0)
             out.append(row)
     return out
 

@@ -9,7 +9,7 @@ held-out rows): ``Classifier(CPFusion)`` with 2 and 3 classes, ``Regressor(XOXLi
 ``Classifier(XOXLinear)`` and a user PyroModule (a CP fusion layer under a Poisson likelihood).
 2 chains x (N warm-up + N draws) each; reported: wall time, divergences, and max r-hat / min
 ESS of the sorted scales and of the held-out predictive means (the issue's targets: r-hat <=
-1.01, ESS >= 400, 0 divergences, < 3 min with N = 500). The CP classifiers are also written by
+1.01, ESS >= 400, 0 divergences, < 3 min with N = 500). Every model is also written by
 hand in NumPyro and sampled by its plain NUTS (``numpyro_nuts.py``, diagonal mass matrix, same
 data, draws and chains; skipped cleanly when numpyro is not installed): the ``vs NumPyro`` column
 is our ESS/s over its ESS/s, ESS the smaller of the sorted scales' and the held-out predictive
@@ -37,8 +37,13 @@ from bayes_fusion.models import check_data_inputs
 SIZES, MAX_RANK, TRAIN, HELD_OUT = (4, 5, 3), 4, 300, 100
 #: what --quick runs: a smoke test of the section (20 draws, short MAP starts)
 QUICK_MODELS = ("Regressor(XOXLinear)",)
-#: the models with a NumPyro twin (numpyro_nuts.py --likelihood ...)
-NUMPYRO_TWINS = {f"Classifier(CPFusion), {c} classes": "categorical" for c in (2, 3)}
+#: model name -> its NumPyro twin (``numpyro_nuts.run_twin``'s ``layer`` and ``likelihood``)
+NUMPYRO_TWINS = {
+    **{f"Classifier(CPFusion), {c} classes": dict(likelihood="categorical") for c in (2, 3)},
+    "Regressor(XOXLinear)": dict(layer="xox", likelihood="normal"),
+    "Classifier(XOXLinear), 3 classes": dict(layer="xox", likelihood="categorical"),
+    "user model: CPFusion + Poisson": dict(likelihood="poisson"),
+}
 
 
 class PoissonFusion(pyro.nn.PyroModule):
@@ -227,7 +232,7 @@ def main(argv=None):
                 held_out,
                 max_rank=MAX_RANK,
                 draws=draws,
-                likelihood=NUMPYRO_TWINS[name],
+                **NUMPYRO_TWINS[name],
             )
             print(f"[nuts_models] NumPyro twin: {twin or 'skipped (no numpyro)'}", flush=True)
             if twin is not None:

@@ -137,54 +137,99 @@ def test_binary_calibration_problem_scores_the_true_class_probability():
     assert calibration.coverage(draws + 0.1, truth, 0.9) == 0.0
 
 
-def test_numpyro_twin_has_the_log_density_of_our_classifier():
-    """The NumPyro classifier of benchmarks/numpyro_nuts.py (the ESS/s reference) is the model
-    of ``Classifier(CPFusion)``: at a random point its log density (non-centred factors z)
-    equals ours (factors f = (lambda + eps) z) minus the Jacobian of f -> z."""
+def _benchmark_module(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _twin_case(model_name: str):
+    """``(our model, inputs, y, twin options, twin output size)`` of a small float64 instance."""
+    import torch
+
+    import bayes_fusion as bf
+    from bayes_fusion.datasets import make_cp_classification, make_cp_regression
+
+    sizes, rank = (3, 2), 3
+    x = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 3
+    cp = make_cp_regression(sizes, 2, rank=2, num_data=40, seed=0)
+    views = [v.double() for v in cp.inputs]
+    if model_name == "cp-categorical":
+        data = make_cp_classification(sizes, 3, rank=2, num_data=40, seed=0)
+        model = bf.Classifier(bf.CPFusion(sizes, 3, max_rank=rank))
+        return model, [v.double() for v in data.inputs], data.y, {"likelihood": "categorical"}, 3
+    if model_name == "cp-normal":
+        model = bf.Regressor(bf.CPFusion(sizes, 2, max_rank=rank))
+        return model, views, cp.y.double(), {"likelihood": "normal"}, 2
+    if model_name == "cp-poisson":
+        model = _benchmark_module("nuts_models").PoissonFusion(bf.CPFusion(sizes, 1, max_rank=rank))
+        counts = (labels + 1).double()
+        return model, views, counts, {"likelihood": "poisson"}, 1
+    if model_name == "xox-normal":
+        model = bf.Regressor(bf.XOXLinear(5, 2, genes=rank))
+        return model, x, x[:, :2] * 2.0, {"layer": "xox", "likelihood": "normal"}, 2
+    model = bf.Classifier(bf.XOXLinear(5, 3, genes=rank))
+    return model, x, labels, {"layer": "xox", "likelihood": "categorical"}, 3
+
+
+@pytest.mark.parametrize(
+    "model_name", ["cp-categorical", "cp-normal", "cp-poisson", "xox-normal", "xox-categorical"]
+)
+def test_numpyro_twin_has_the_log_density_of_our_model(model_name):
+    """Each NumPyro twin of benchmarks/numpyro_nuts.py (the ESS/s references) is the model it
+    stands for: at a random point its log density (non-centred factors z) equals ours (factors
+    f = (lambda + eps) z, the XOX core O = sqrt(lambda + eps) z sqrt(lambda + eps)^T) minus the
+    Jacobian of the map to z."""
     pytest.importorskip("numpyro")
     import jax
     import numpy as np
     import pyro
     import torch
     from numpyro.infer.util import log_density
+    from pyro.poutine.util import site_is_subsample
 
-    import bayes_fusion as bf
-    from bayes_fusion.datasets import make_cp_classification
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import numpyro_nuts
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    numpyro_nuts = _benchmark_module("numpyro_nuts")
     jax.config.update("jax_enable_x64", True)
-    sizes, rank = (3, 2), 3
-    data = make_cp_classification(sizes, 3, rank=2, num_data=40, seed=0)
-    inputs = [x.double() for x in data.inputs]
-    model = bf.Classifier(bf.CPFusion(sizes, 3, max_rank=rank)).double()
+    model, inputs, y, options, out = _twin_case(model_name)
+    model = model.double()
     torch.manual_seed(0)
-    trace = pyro.poutine.trace(model).get_trace(inputs, data.y)
-    point = {
-        name: site["value"].detach()
+    trace = pyro.poutine.trace(model).get_trace(inputs, y)
+    gen = torch.Generator().manual_seed(1)
+    point = {  # moderate values: a prior draw's heavy-tailed scales overflow the Poisson rates
+        name: 0.5 * torch.randn(site["value"].shape, dtype=torch.float64, generator=gen)
         for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
     }
-    point["layer.rank_scale"] = torch.rand(rank, dtype=torch.float64) + 0.5
-    ours = pyro.poutine.trace(pyro.poutine.condition(model, data=point)).get_trace(inputs, data.y)
+    rank = model.layer.rank
+    point["layer.rank_scale"] = torch.rand(rank, dtype=torch.float64, generator=gen) + 0.5
+    if "noise" in point:
+        point["noise"] = point["noise"].abs() + 0.1
+    ours = pyro.poutine.trace(pyro.poutine.condition(model, data=point)).get_trace(inputs, y)
     std = point["layer.rank_scale"] + 1e-3
-    factors = [point[f"layer.factor_{m}"] for m in range(len(sizes))]
-    out_factor = point["layer.out_factor"]
-    values = {
-        "lam": point["layer.rank_scale"],
-        "z_out": out_factor / std,
-        "bias": point["layer.bias"],
-        "main": point["layer.main_effects"],
-        **{f"z_{m}": f / std for m, f in enumerate(factors)},
-    }
-    jacobian = std.log().sum() * (sum(f.shape[0] for f in factors) + out_factor.shape[0])
-    twin, _ = numpyro_nuts.twin_model("categorical", rank, 3)
-    xs = [np.asarray(x.numpy()) for x in inputs]
+    values = {"lam": point["layer.rank_scale"], "bias": point["layer.bias"]}
+    if options.get("layer") == "xox":
+        root = std.sqrt()
+        values["z_in"] = point["layer.x_in"] / std
+        values["z_core"] = point["layer.core"] / (root[:, None] * root[None, :])
+        values["z_out"] = point["layer.x_out"] / std
+        scaled_rows = values["z_in"].shape[0] + out + rank  # the core: rank x sqrt(std) twice
+    else:
+        factors = [point[f"layer.factor_{m}"] for m in range(len(inputs))]
+        values.update({f"z_{m}": f / std for m, f in enumerate(factors)})
+        values["z_out"] = point["layer.out_factor"] / std
+        scaled_rows = sum(f.shape[0] for f in factors) + out
+    if "layer.main_effects" in point:
+        values["main"] = point["layer.main_effects"]
+    if "noise" in point:
+        values["noise"] = point["noise"]
+    assert len(values) == len(point), sorted(point)  # every site of ours has its twin's
+    twin, _ = numpyro_nuts.twin_model(options.get("layer", "cp"), options["likelihood"], rank, out)
+    xs = [np.asarray(v.numpy()) for v in ([inputs] if torch.is_tensor(inputs) else inputs)]
     theirs, _ = log_density(
-        twin, (xs, np.asarray(data.y.numpy())), {}, {k: np.asarray(v) for k, v in values.items()}
+        twin, (xs, np.asarray(y.numpy())), {}, {k: np.asarray(v) for k, v in values.items()}
     )
-    expected = float(ours.log_prob_sum()) + float(jacobian)
+    expected = float(ours.log_prob_sum()) + float(std.log().sum() * scaled_rows)
     assert abs(float(theirs) - expected) < 1e-8 * max(1.0, abs(expected))
