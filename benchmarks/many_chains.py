@@ -83,6 +83,7 @@ def run_fit(name: str, factory, args, held_out, seed: int, **options) -> dict:
         "chains": res.info["num_chains"],
         "divergences": sum(res.info["divergences"]),
         "nested_r_hat": max(diag.get("nested_r_hat", {1: 1.0}).values()),
+        "jit_choice": res.info["jit_choice"],
     }
     for label, key in pick.items():
         row[f"r_hat_{label}"] = diag["r_hat"][key]

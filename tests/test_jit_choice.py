@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import bayes_fusion as bf
-from bayes_fusion.infer import compile_cache
-from bayes_fusion.infer.svi import jit_choice
-from bayes_fusion.infer.svi.jit_choice import CostRecords, Prediction, choose
+from bayes_fusion.infer import compile_cache, jit_choice
+from bayes_fusion.infer.jit_choice import CostRecords, Prediction, choose
 
 
 def test_cache_switch_and_location(monkeypatch, tmp_path):

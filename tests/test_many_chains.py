@@ -10,9 +10,15 @@ import torch
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_regression
+from bayes_fusion.infer.compile_cache import CacheUse
 from bayes_fusion.infer.compiled import CompiledFunction
+from bayes_fusion.infer.jit_choice import CostRecords
 from bayes_fusion.infer.mcmc import linear_gaussian
 from bayes_fusion.infer.mcmc.chees import Whitening, halton, run_lockstep, warmup_windows
+from bayes_fusion.infer.mcmc.compile_choice import (
+    DEFAULT_STEPS_PER_ITERATION,
+    LeapfrogCompileChoice,
+)
 from bayes_fusion.infer.mcmc.convergence import nested_r_hat, r_hat_and_ess
 from bayes_fusion.infer.mcmc.potential import FlatPotential, Potential
 
@@ -249,3 +255,58 @@ def test_mcmc_options_are_checked(known_rank_fit):
         bf.fit(*args, guide="mcmc", resume=svi)
     with pytest.raises(ValueError, match="num_chains: the resumed fit has 8 chains"):
         bf.fit(*args, guide="mcmc", num_chains=4, resume=result, jit=False, progress=False)
+
+
+def test_the_compile_choice_weighs_the_predicted_costs(tmp_path):
+    """``jit="auto"``'s cost model: the steps left are the iterations left times this graph's
+    recorded steps per iteration (a default without a record); compile when the compile plus
+    the compiled steps beat the eager steps; a compiled run's costs are recorded."""
+    records = CostRecords(tmp_path / "costs.json")
+    choice = LeapfrogCompileChoice("graph", records)
+    # nothing on record: 20 s compile, ratio 0.2, 30 steps per iteration
+    assert choice.decide([0.005] * 9 + [1.0], iterations_left=1000)  # 150 s eager vs 50 s
+    assert choice.choice.remaining == 1000 * DEFAULT_STEPS_PER_ITERATION
+    short = LeapfrogCompileChoice("graph", records)
+    assert not short.decide([0.005] * 10, iterations_left=50)  # 7.5 s eager vs 21.5 s
+    report = short.report(steps_per_iteration=4.0)
+    assert report["chosen"] == "eager" and report["steps_per_iteration"]["actual"] == 4.0
+    assert "actual" not in report
+    assert records.steps_per_iteration("graph") == 4.0
+    # the record now says 4 steps per iteration: 1000 iterations no longer pay a 20 s compile
+    again = LeapfrogCompileChoice("graph", CostRecords(tmp_path / "costs.json"))
+    assert not again.decide([0.005] * 10, iterations_left=1000)
+    assert again.choice.remaining == 4000
+    # a compiled run records its compile (cold) and its step ratio
+    choice.report(30.0, compile_s=12.0, compiled_step_ms=1.0, cache=CacheUse(True, 0, 3))
+    entry = CostRecords(tmp_path / "costs.json").entries["graph"]
+    assert entry["cold_s"] == 12.0 and entry["step_ratio"] == pytest.approx(0.2)
+    assert entry["engine"] == "leapfrog" and entry["steps_per_iteration"] == 30.0
+
+
+@pytest.mark.parametrize("cheap", [False, True])
+def test_a_run_compiles_from_its_probe_on_only_where_it_pays(tmp_path, cheap):
+    """``compile=None``: the first iterations run eagerly and are timed; the step compiles
+    from then on where this machine's records make the compile cheap, and stays eager where
+    they make it dear; both runs sample the target and report the choice."""
+    mean, cov = _correlated_gaussian()
+    flat = FlatPotential(GaussianPotential(mean, cov), {"x": torch.zeros(4, dtype=torch.float64)})
+    records = CostRecords(tmp_path / "costs.json")
+    records.entries["gauss"] = (
+        {"engine": "leapfrog", "cold_s": 0.0, "step_ratio": 0.01}
+        if cheap
+        else {"engine": "leapfrog", "cold_s": 1e6, "step_ratio": 0.9}
+    )
+    costs = LeapfrogCompileChoice("gauss", records)
+    starts = torch.distributions.MultivariateNormal(mean, cov).sample((8,))
+    run = run_lockstep(flat, starts, cov, 40, 60, compile=None, costs=costs)
+    assert run.jit_choice["chosen"] == ("compiled leapfrog" if cheap else "eager")
+    assert run.jit_choice["remaining_steps"] > 0 and run.jit_choice["eager_step_ms"] > 0
+    assert (run.compile is not None) == cheap
+    if cheap:
+        assert run.compile["compiled"] and run.jit_choice["actual"]["compile_s"] > 0
+    saved = CostRecords(tmp_path / "costs.json").entries["gauss"]
+    assert saved["steps_per_iteration"] == pytest.approx(run.stats["n_steps"].mean(), rel=0.5)
+    sd = cov.diagonal().sqrt()
+    assert ((run.draws.reshape(-1, 4).mean(0) - mean).abs() / sd).max() < 0.5
+    with pytest.raises(ValueError, match="compile: None"):
+        run_lockstep(flat, starts, cov, 5, 5, compile=None)

@@ -11,8 +11,9 @@
 * shared by both: :mod:`.data` (model arguments, seeds), :mod:`.faults` (numerical trouble),
   :mod:`.log_joint` (a model's log density read off as it runs), :mod:`.compiled`
   (``torch.compile`` with an eager fallback), :mod:`.compile_cache` (inductor's on-disk cache:
-  where, on/off, hits), :mod:`.seams` (every private attribute of Pyro
-  and torch the package uses).
+  where, on/off, hits), :mod:`.jit_choice` (compile or not, per fit, from this machine's
+  measured costs: SVI's ``jit=None``, the lockstep sampler's ``jit="auto"``), :mod:`.seams`
+  (every private attribute of Pyro and torch the package uses).
 """
 
 from .data import model_latent_shapes, sample_guide, seeded, slice_rows

@@ -11,7 +11,7 @@ input, so fits of different lengths share one graph.
 
 Where: ``TORCHINDUCTOR_CACHE_DIR`` when set, otherwise torch's default
 (``<tmp>/torchinductor_<user>``); :func:`cache_dir` says which. The library keeps its measured
-compile costs (:mod:`bayes_fusion.infer.svi.jit_choice`) beside inductor's files, in
+compile costs (:mod:`bayes_fusion.infer.jit_choice`) beside inductor's files, in
 ``<cache dir>/bayes_fusion/compile_costs.json``, so that clearing the directory forgets both
 (``BAYES_FUSION_COMPILE_COSTS`` names another file).
 

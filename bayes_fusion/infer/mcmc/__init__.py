@@ -2,7 +2,8 @@
 
 * :mod:`.many_chains` -- :func:`~bayes_fusion.fit_mcmc` (``guide="mcmc"``): many chains in
   lockstep on the same potentials; :mod:`.chees` its sampler (ChEES-HMC on a ``(chains, dim)``
-  state: batched, compiled leapfrog steps, adaptation across chains);
+  state: batched, compiled leapfrog steps, adaptation across chains); :mod:`.compile_choice`
+  whether its leapfrog step compiles (``jit="auto"``: from the measured costs);
 * :mod:`.nuts` -- :func:`~bayes_fusion.fit_nuts`: picks the potential, runs the chains, builds
   the result (one path, one ``info`` schema, for every model);
 * :mod:`.potential` -- the potential protocol (:class:`~.potential.Potential`: value and

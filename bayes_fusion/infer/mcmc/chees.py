@@ -27,14 +27,17 @@ implementations are BlackJAX's ``chees_adaptation`` and TensorFlow Probability's
   (:func:`move_stuck_chains`); never after warm-up.
 
 The leapfrog step runs through ``torch.compile`` where asked (:class:`~..compiled
-.CompiledFunction`, checked against eager, eager if compiling fails); momenta and jitter are
-drawn outside the graph.
+.CompiledFunction`, checked against eager, eager if compiling fails), or from the iteration on
+where the cost model says it pays (:mod:`.compile_choice`); momenta and jitter are drawn outside
+the graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
+import time
 import warnings
 
 import pyro
@@ -44,6 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..compiled import CompiledFunction
+from .compile_choice import PROBE_ITERATIONS, LeapfrogCompileChoice
 
 __all__ = [
     "DENSE_METRIC_MAX_DIM",
@@ -71,6 +75,9 @@ DECAY = 0.5
 MIN_STEPS = 4
 #: a chain whose mean acceptance probability over a warm-up window is below this is stuck
 STUCK_ACCEPTANCE = 0.1
+#: most leapfrog steps timed in each phase of a run whose costs are recorded (the eager probe,
+#: the compiled steps): their median is the step's cost
+TIMED_STEPS = 1000
 
 
 def halton(index: int, base: int = 2) -> float:
@@ -229,6 +236,9 @@ class LockstepRun:
     :ivar gradients: batched potential-and-gradient calls made (each moves every chain).
     :ivar compile: the compiled step's report (``None``: eager).
     :ivar batched: ``True`` when the chains were evaluated in one batched call, else why not.
+    :ivar jit_choice: the cost-based compile choice and its outcome
+        (:meth:`.compile_choice.LeapfrogCompileChoice.report`; ``None``: not asked, or the run
+        ended before it was made).
     """
 
     draws: Tensor
@@ -240,6 +250,7 @@ class LockstepRun:
     gradients: int
     compile: dict | None
     batched: bool | str
+    jit_choice: dict | None = None
 
 
 class _Leapfrog:
@@ -253,15 +264,25 @@ class _Leapfrog:
     over the chain dimension (a user model whose code reads tensor values, e.g. a
     data-dependent ``if``) makes the first call fall back to one chain after another; the
     steps then run uncompiled (correct, about ``C`` times slower), with one warning, and
-    :attr:`batched` says why."""
+    :attr:`batched` says why.
+
+    While :attr:`times` is a list, every step's wall time (seconds) is appended to it."""
 
     def __init__(self, flat, dense: bool, compile: bool) -> None:
         self.flat = flat
         self.dense = dense
-        # float32 positions and gradients after one step agree to ~1e-4 of their scale
-        compiled = CompiledFunction(self._step, rtol=1e-3, name="lockstep leapfrog")
-        self.compiled = compiled if compile else None
+        self.compiled: CompiledFunction | None = None
+        if compile:
+            self.compile_now()
         self.calls = 0
+        self.times: list[float] | None = None
+
+    def compile_now(self) -> None:
+        """Run the steps from now on through ``torch.compile`` (unless the chains do not
+        batch: those run one after another, eagerly)."""
+        if self.flat.batched is True:
+            # float32 positions and gradients after one step agree to ~1e-4 of their scale
+            self.compiled = CompiledFunction(self._step, rtol=1e-3, name="lockstep leapfrog")
 
     @property
     def batched(self) -> bool | str:
@@ -311,10 +332,14 @@ class _Leapfrog:
     def __call__(self, w, p, g, step_size: Tensor, whitening: Whitening):
         self.calls += 1
         args = (w, p, g, step_size, *whitening.tensors())
+        t0 = time.perf_counter()
         with pyro.validation_enabled(False), torch.no_grad():
-            if self.compiled is not None:
-                return self.compiled(*args)
-            return self._step(*args)
+            out = self.compiled(*args) if self.compiled is not None else self._step(*args)
+        if self.times is not None and len(self.times) < TIMED_STEPS:
+            if w.device.type == "cuda":
+                torch.cuda.synchronize(w.device)
+            self.times.append(time.perf_counter() - t0)
+        return out
 
     def report(self) -> dict | None:
         if self.compiled is None:
@@ -324,6 +349,18 @@ class _Leapfrog:
             "compile_seconds": self.compiled.compile_seconds,
             "failure": self.compiled.failed,
         }
+
+    def record_costs(self, costs: LeapfrogCompileChoice, steps_per_iteration: float) -> dict | None:
+        """Record the run's costs in ``costs`` (its compile, the compiled step's median time
+        from :attr:`times` without the first, compiling call); the ``jit_choice`` report."""
+        compiled = self.compiled
+        if compiled is None or compiled.failed is not None or not compiled.cache_uses:
+            return costs.report(steps_per_iteration)
+        times = (self.times or [])[1:]
+        step_ms = statistics.median(times) * 1e3 if times else None
+        return costs.report(
+            steps_per_iteration, compiled.compile_seconds, step_ms, compiled.cache_uses[-1]
+        )
 
 
 class _Trajectory:
@@ -448,7 +485,8 @@ def run_lockstep(
     *,
     target_accept_prob: float = 0.8,
     max_steps: int = 256,
-    compile: bool = False,
+    compile: bool | None = False,
+    costs: LeapfrogCompileChoice | None = None,
     state: ChEESState | None = None,
     progress: bool = False,
 ) -> LockstepRun:
@@ -464,13 +502,20 @@ def run_lockstep(
     :param warmup_steps: warm-up iterations (adaptation); ``0`` with ``state``: continue.
     :param target_accept_prob: target of the chains' mean acceptance probability.
     :param max_steps: most leapfrog steps in one iteration.
-    :param compile: run the leapfrog step through ``torch.compile``.
+    :param compile: run the leapfrog step through ``torch.compile`` (``True``), eagerly
+        (``False``), or decide after :data:`~.compile_choice.PROBE_ITERATIONS` eager iterations
+        from the measured costs (``None``; needs ``costs``).
+    :param costs: the cost model's records of this run's graph
+        (:class:`~.compile_choice.LeapfrogCompileChoice`): with ``compile=None`` it decides;
+        in any case the run's steps per iteration and compile costs are recorded.
     :param state: continue a run from its :class:`ChEESState` without adapting again.
     :param progress: show a progress bar.
     :returns: :class:`LockstepRun`.
     """
+    if compile is None and costs is None:
+        raise ValueError("compile: None (decide from the costs) needs costs, got costs=None")
     dense = (state.cov if state is not None else cov).dim() == 2
-    leapfrog = _Leapfrog(flat, dense, compile)
+    leapfrog = _Leapfrog(flat, dense, compile is True)
     trajectory = _Trajectory(leapfrog)
     if state is not None:
         x, whitening = state.x, state.whitening()
@@ -493,6 +538,9 @@ def run_lockstep(
     warmup_divergences = restarted_chains = 0
     stats = {name: [] for name in ("diverging", "acceptance_rate", "n_steps", "energy", "lp")}
     total = warmup_steps + num_samples
+    probing = compile is None and total > PROBE_ITERATIONS
+    leapfrog.times = [] if probing or (compile is True and costs is not None) else None
+    leapfrog_steps = 0
     with tqdm(total=total, disable=not progress, desc="MCMC (lockstep chains)", leave=False) as bar:
         for i in range(total):
             warm = i < warmup_steps
@@ -505,6 +553,12 @@ def run_lockstep(
             (w, u, g), (w1, p1, prob, divergent), energy = trajectory(
                 w, u, g, step_size, steps, whitening
             )
+            leapfrog_steps += steps
+            if probing and i + 1 == PROBE_ITERATIONS:
+                probing = False
+                if costs.decide(leapfrog.times, total - i - 1):
+                    leapfrog.compile_now()
+                leapfrog.times = [] if leapfrog.compiled is not None else None
             if warm:
                 warmup_divergences += int(divergent.sum())
                 adaptation.update(w0, w1, p1, prob, divergent, jitter)
@@ -558,4 +612,5 @@ def run_lockstep(
         gradients=leapfrog.calls,
         compile=leapfrog.report(),
         batched=leapfrog.batched,
+        jit_choice=None if costs is None else leapfrog.record_costs(costs, leapfrog_steps / total),
     )

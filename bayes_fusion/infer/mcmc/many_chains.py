@@ -23,9 +23,11 @@ from ..._checks import check_choice, check_positive_float, check_positive_int
 from ...layers.base import rank_layers
 from ..data import check_args_finite, seeded
 from ..faults import without_trace_shapes
+from ..jit_choice import graph_signature
 from ..result import FitResult
 from .chains import laplace_inverse_mass_matrix
 from .chees import DENSE_METRIC_MAX_DIM, ChEESState, run_lockstep
+from .compile_choice import ENGINE, LeapfrogCompileChoice
 from .nuts import check_continuous_latents, choose_potential
 from .output_marginal import supports_output_marginal
 from .potential import FlatPotential, flatten_params
@@ -58,7 +60,7 @@ class MCMCOptions:
     target_accept_prob: float
     max_steps: int
     init_steps: int
-    jit: bool
+    jit: bool | None
     marginalize: str | bool
     dense_metric: bool | str
     superchains: int
@@ -109,10 +111,16 @@ def fit_mcmc(
     :param max_steps: most leapfrog steps in one iteration.
     :param init_steps: SVI steps of each of the ``MAP_RESTARTS`` (2) MAP fits whose best point
         the chains start around.
-    :param jit: run the leapfrog step through ``torch.compile`` (a one-off compile of
-        10-20 s on a 2-core CPU; eager, with a warning, if compiling fails). ``"auto"``: when
-        the model computes its log joint without Pyro's handlers (the library's
-        ``Regressor`` / ``Classifier``) and the run has at least 100 iterations.
+    :param jit: run the leapfrog step through ``torch.compile`` (``True``: a one-off compile
+        of 10-20 s on a 2-core CPU, 1-4 s with inductor's on-disk cache warm; eager, with a
+        warning, if compiling fails) or eagerly (``False``). ``"auto"``: for a model that
+        computes its log joint without Pyro's handlers (the library's ``Regressor`` /
+        ``Classifier``), the first 10 iterations run eagerly and are timed, and the step is
+        compiled from then on when the compile is predicted to pay for itself over the
+        leapfrog steps left (:mod:`~bayes_fusion.infer.mcmc.compile_choice`: this machine's
+        recorded compile times and steps per iteration, shared with SVI's ``jit=None``;
+        ``info["jit_choice"]`` has the prediction and the outcome); eager for any other
+        model.
     :param marginalize: integrate a Gaussian ``Regressor``'s output sites out (``"auto"``:
         where the model allows; ``True``: require it; ``False``: sample every site).
     :param dense_metric: a dense metric (``"auto"``: up to 500 coordinates), else diagonal.
@@ -131,7 +139,8 @@ def fit_mcmc(
         ``n_steps``, ``step_size``, ``energy``, ``lp``) and ``info`` (``divergences`` per
         chain, ``warmup_divergences``, ``restarted_chains`` (stuck chains moved during
         warm-up), ``step_size``, ``trajectory_length``, ``gradients`` (batched calls),
-        ``batched`` (``True`` or why not), ``compiled``, ``superchains``, ``seconds`` and
+        ``batched`` (``True`` or why not), ``compiled``, ``jit_choice`` (``jit="auto"``'s
+        decision, ``None`` when not made), ``superchains``, ``seconds`` and
         ``seconds_breakdown``, the potential's settings, ``sampler_state`` for ``resume``).
     :raises ValueError: bad options (named), a discrete latent site, or a ``resume`` result
         that is not an MCMC fit of this sampler.
@@ -169,8 +178,8 @@ def fit_mcmc(
         )
     if resume is not None and (resume.method != "mcmc" or "sampler_state" not in resume.info):
         raise ValueError(f"resume: expected a result of guide='mcmc', got method={resume.method!r}")
-    if jit == "auto":
-        jit = bool(getattr(model, "has_log_joint", False)) and num_samples + warmup_steps >= 100
+    if jit == "auto":  # decided from the costs where the model can compile, else eager
+        jit = None if getattr(model, "has_log_joint", False) else False
     options = MCMCOptions(
         num_chains=num_chains,
         num_samples=num_samples,
@@ -178,7 +187,7 @@ def fit_mcmc(
         target_accept_prob=target_accept_prob,
         max_steps=max_steps,
         init_steps=init_steps,
-        jit=bool(jit),
+        jit=jit,
         marginalize=marginalize,
         dense_metric=dense_metric,
         superchains=superchains,
@@ -217,6 +226,9 @@ def _run(model, args: tuple, options: MCMCOptions, resume: FitResult | None) -> 
         starts, cov = state.x, state.cov
     else:
         starts, cov = _starts_and_metric(potential, start, options)
+    signature = graph_signature(
+        ENGINE, 1, model, [starts, cov], args, extra=(type(potential).__qualname__,)
+    )
     t_warm = time.perf_counter()
     run = run_lockstep(
         flat,
@@ -227,6 +239,7 @@ def _run(model, args: tuple, options: MCMCOptions, resume: FitResult | None) -> 
         target_accept_prob=options.target_accept_prob,
         max_steps=options.max_steps,
         compile=options.jit,
+        costs=LeapfrogCompileChoice(signature),
         state=state,
         progress=options.progress,
     )
@@ -258,6 +271,7 @@ def _run(model, args: tuple, options: MCMCOptions, resume: FitResult | None) -> 
         "dense_metric": run.state.cov.dim() == 2,
         "batched": run.batched,
         "compiled": run.compile,
+        "jit_choice": run.jit_choice,
         "resumed": resume is not None,
         "centered_components": {k: v.tolist() for k, v in potential.centered.items()},
         "class_contrasts": sorted(potential.contrasts),

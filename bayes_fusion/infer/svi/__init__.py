@@ -6,8 +6,8 @@
   Pyro's ``Trace_ELBO``) and the refusal to apply non-finite gradients;
 * :mod:`.elbo` -- the direct ELBO of the preset guides (no traces recorded);
 * :mod:`.fused` -- whole steps compiled, one (``jit=True``) or several (``jit="fused"``) per call;
-* :mod:`.compilation` -- what ``jit`` runs, and when ``jit=None`` switches to compiled steps;
-* :mod:`.jit_choice` -- ``jit=None``'s cost model and this machine's compile-cost records;
+* :mod:`.compilation` -- what ``jit`` runs, and when ``jit=None`` switches to compiled steps
+  (the cost model: :mod:`bayes_fusion.infer.jit_choice`);
 * :mod:`.optim` -- the clipped Adam update (one function, used eagerly and inside fused steps);
 * :mod:`.guides` -- the guide presets (``make_guide``, ``GUIDES``);
 * :mod:`.batches` -- the rows each step sees; :mod:`.distributed` -- data-parallel SVI.

@@ -1,6 +1,6 @@
 """What ``fit``'s ``jit`` runs: eager steps, the compiled loss, or compiled whole steps -- and,
 for ``jit=None``, the switch from eager to compiled once the fit's own eager steps have been
-timed and the compile predicted to pay (:mod:`.jit_choice`)."""
+timed and the compile predicted to pay (:mod:`..jit_choice`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import statistics
 import time
 import warnings
 
+from ..jit_choice import PROBE_STEPS, CompileChoice, CostRecords, choose, graph_signature
 from .fused import FUSED_STEPS, FusedSteps, fused_or_none
-from .jit_choice import PROBE_STEPS, CompileChoice, CostRecords, choose, graph_signature
 
 __all__ = ["Compilation"]
 
@@ -23,8 +23,8 @@ class Compilation:
       distributed run); otherwise the loss compiled (forward and backward).
     * ``"fused"``: :data:`~.fused.FUSED_STEPS` whole steps per call (a warning and the
       compiled loss where the fit does not allow it).
-    * ``None``: eager; after the first step and :data:`~.jit_choice.PROBE_STEPS` timed eager
-      steps, compiled (as ``True``) when :func:`~.jit_choice.choose` predicts that the compile
+    * ``None``: eager; after the first step and :data:`~..jit_choice.PROBE_STEPS` timed eager
+      steps, compiled (as ``True``) when :func:`~..jit_choice.choose` predicts that the compile
       pays for itself over the remaining steps.
 
     Only the library's own models (a Pyro-free ``log_joint``) with the direct ELBO compile;
@@ -117,7 +117,7 @@ class Compilation:
 
     def eager_step_done(self, seconds: float, remaining: int, batch) -> None:
         """Time one eager step after the first (``jit=None``); after
-        :data:`~.jit_choice.PROBE_STEPS` of them, decide."""
+        :data:`~..jit_choice.PROBE_STEPS` of them, decide."""
         self._probe.append(seconds)
         if len(self._probe) < PROBE_STEPS:
             return

@@ -103,7 +103,7 @@ def fit_svi(
         about 4x the compile time; a warning and the compiled loss where the fit does not
         allow it); ``False``: eager. ``None`` (default): the fit's first steps run eagerly and
         are timed, then it compiles (as ``True``) only when the predicted compile time plus
-        compiled steps beat the eager steps left (:mod:`bayes_fusion.infer.svi.jit_choice`:
+        compiled steps beat the eager steps left (:mod:`bayes_fusion.infer.jit_choice`:
         compile times measured on this machine, inductor's on-disk cache
         (:mod:`bayes_fusion.infer.compile_cache`) taken into account); ``info["jit_choice"]``
         gives the prediction and the outcome. Every compilation is checked against the eager

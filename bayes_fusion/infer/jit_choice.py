@@ -1,21 +1,25 @@
-"""``fit(jit=None)``: compile or not, decided per fit from measured costs.
+"""Compile or not, decided per fit from measured costs: SVI's ``fit(jit=None)`` and the lockstep
+sampler's ``fit(guide="mcmc", jit="auto")``.
 
 Compiling pays when the time it saves over the remaining steps exceeds the time it takes:
 
     compile  <=>  C + R * t_c  <  R * t_e
 
-with ``R`` the steps left, ``t_e`` the eager step (measured on this fit: its first
-:data:`PROBE_STEPS` steps after the validated first one run eagerly and are timed), ``t_c`` the
-compiled step and ``C`` the compile time. ``C`` and ``t_c / t_e`` come from what this machine
-measured before (:class:`CostRecords`, a small JSON file beside inductor's on-disk cache,
+with ``R`` the steps left, ``t_e`` the eager step (measured on this fit: SVI times its first
+:data:`PROBE_STEPS` steps after the validated first one; the lockstep sampler the leapfrog steps
+of its first iterations, :mod:`bayes_fusion.infer.mcmc.compile_choice`), ``t_c`` the compiled
+step and ``C`` the compile time. A *step* is an SVI step (engines ``"steps"``, whole steps, and
+``"loss"``, the compiled loss) or one batched leapfrog step of every chain (engine
+``"leapfrog"``). ``C`` and ``t_c / t_e`` come from what this machine measured before
+(:class:`CostRecords`, a small JSON file beside inductor's on-disk cache,
 :func:`~bayes_fusion.infer.compile_cache.costs_path`):
 
 * the same graph compiled before, cache on: its last warm compile (graph loaded from the
   cache), or its cold compile times :data:`WARM_FRACTION` when it was only ever built;
 * a graph not seen before (or the cache off): the median cold compile of the graphs this
-  machine did build, else :data:`DEFAULT_COLD_COMPILE_S`;
-* ``t_c / t_e``: this graph's measured ratio, else the median of the machine's, else
-  :data:`DEFAULT_STEP_RATIO`.
+  machine did build with the same engine, else :data:`DEFAULT_COLD_COMPILE_S`;
+* ``t_c / t_e``: this graph's measured ratio, else the median of the machine's for the engine,
+  else :data:`DEFAULT_STEP_RATIO`.
 
 After a compiled fit, its compile time (cold or warm, as the cache counters say) and the step
 ratio it reached are recorded, so the next prediction is this machine's own. The choice, its
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..compile_cache import CacheUse, cache_enabled, costs_path
+from .compile_cache import CacheUse, cache_enabled, costs_path
 
 __all__ = [
     "DEFAULT_COLD_COMPILE_S",
@@ -57,17 +61,20 @@ DEFAULT_COLD_COMPILE_S = 20.0
 #: where only the cold one is on record (measured 0.15-0.25)
 WARM_FRACTION = 0.25
 #: compiled step over eager step, per compiled engine, where none is on record (measured on a
-#: 2-core CPU: 0.09-0.15 for whole steps, 0.4-0.6 for the compiled loss)
-DEFAULT_STEP_RATIO = {"steps": 0.25, "loss": 0.6}
+#: 2-core CPU: 0.09-0.15 for whole SVI steps, 0.4-0.6 for the compiled loss, 0.12-0.17 for a
+#: batched leapfrog step of 16 chains: 1.0 ms against 5-8 ms on the benchmarks' CP and XOX models)
+DEFAULT_STEP_RATIO = {"steps": 0.25, "loss": 0.6, "leapfrog": 0.2}
 
 
-def graph_signature(engine: str, steps_per_call: int, model, params, batch) -> str:
+def graph_signature(engine: str, steps_per_call: int, model, params, batch, extra=()) -> str:
     """A key of what the compiled graph depends on: engine, steps per call, model and layer
-    classes, parameter and data shapes / dtypes / devices, torch version."""
+    classes, parameter and data shapes / dtypes / devices, torch version, and ``extra`` (a
+    tuple of anything else it depends on, e.g. the potential's kind)."""
     tensors = list(_tensors(batch))
     parts = (
         engine,
         steps_per_call,
+        tuple(extra),
         torch.__version__,
         type(model).__qualname__,
         type(getattr(model, "layer", None)).__qualname__,
@@ -120,7 +127,7 @@ class CostRecords:
 
     def predict(self, signature: str, engine: str, cache_on: bool | None = None) -> Prediction:
         """The predicted compile time and step ratio of graph ``signature`` of ``engine``
-        (``"steps"`` or ``"loss"``), with the on-disk cache on or off (``None``: as
+        (``"steps"``, ``"loss"`` or ``"leapfrog"``), with the on-disk cache on or off (``None``: as
         configured)."""
         cache_on = cache_enabled() if cache_on is None else cache_on
         own = self.entries.get(signature, {})
@@ -164,6 +171,19 @@ class CostRecords:
         self.entries[signature] = entry
         self._write()
 
+    def steps_per_iteration(self, signature: str) -> float | None:
+        """The leapfrog steps per iteration a lockstep fit of graph ``signature`` took on average
+        when last run here (``None``: never)."""
+        value = self.entries.get(signature, {}).get("steps_per_iteration")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+    def record_steps_per_iteration(self, signature: str, engine: str, steps: float) -> None:
+        """Keep the leapfrog steps per iteration of one lockstep fit (compiled or eager)."""
+        entry = dict(self.entries.get(signature, {}), engine=engine)
+        entry["steps_per_iteration"] = round(float(steps), 2)
+        self.entries[signature] = entry
+        self._write()
+
     def _write(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +199,8 @@ class CostRecords:
 class CompileChoice:
     """``jit=None``'s decision for one fit, and what came of it.
 
-    :param compile: whether to compile. :param engine: ``"steps"`` (whole steps) or ``"loss"``.
+    :param compile: whether to compile. :param engine: ``"steps"`` (whole steps), ``"loss"`` or
+        ``"leapfrog"``.
     :param remaining: steps left at the decision. :param eager_ms: the measured eager step.
     :param prediction: the predicted compile costs.
     """
