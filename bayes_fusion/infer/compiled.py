@@ -7,6 +7,13 @@ function (forward and, through AOTAutograd, backward) into one graph per input s
 and inductor; random draws stay in the graph and come from the same generator in the same
 order as in the eager function (inductor's ``fallback_random``).
 
+A function whose Python ``torch.compile`` cannot follow -- a user's Pyro model runs its effect
+handlers, context managers that dynamo refuses -- can be *traced* first (``trace=True``):
+``make_fx`` runs it once and records its tensor operations (forward, and the backward of
+``torch.func.grad`` inside it) as an aten graph, which is then compiled. The Python runs only at
+trace time, so the function's operations must not depend on tensor values; a function under
+``torch.func.vmap`` qualifies (vmap refuses value-dependent branches).
+
 Each new compilation is checked once -- the compiled and the eager function are evaluated
 from the same random state and must agree -- and a function that fails the check, or fails to
 compile, runs eagerly from then on (with one warning naming the reason). Compiling costs
@@ -24,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from .compile_cache import CacheUse, caching
 from .seams import private_code
@@ -122,6 +130,9 @@ class CompiledFunction:
         must be passed in ``args``, never captured.
     :param rtol: relative tolerance of the check against the eager function.
     :param name: what to call ``fn`` in the warning.
+    :param trace: record ``fn``'s tensor operations with ``make_fx`` first and compile that
+        graph (see the module doc); for functions called without autograd (under
+        ``torch.no_grad``; ``torch.func`` transforms inside are fine).
     """
 
     def __init__(
@@ -129,10 +140,12 @@ class CompiledFunction:
         fn: Callable[..., Tensor],
         rtol: float = 1e-4,
         name: str = "function",
+        trace: bool = False,
     ) -> None:
         self.fn = fn
         self.rtol = rtol
         self.name = name
+        self.trace = trace
         self._cache: dict[Any, Any] = {}
         self.num_compiles = 0
         #: seconds spent compiling (first calls of every input structure), in all
@@ -176,8 +189,13 @@ class CompiledFunction:
         start = _RandomState(device)
         t0 = time.perf_counter()
         try:
+            graph = flat
+            if self.trace:
+                with torch.no_grad():
+                    graph = make_fx(flat)(*tensors)
+                start.restore()  # tracing ran the function: its draws come again
             compiled = torch.compile(
-                flat, fullgraph=True, dynamic=False, options={"fallback_random": True}
+                graph, fullgraph=True, dynamic=False, options={"fallback_random": True}
             )
             with warnings.catch_warnings(), caching() as cache:
                 # the compiler's own use of deprecated torch APIs is nothing a caller can act on

@@ -279,10 +279,16 @@ class _Leapfrog:
 
     def compile_now(self) -> None:
         """Run the steps from now on through ``torch.compile`` (unless the chains do not
-        batch: those run one after another, eagerly)."""
+        batch: those run one after another, eagerly). A potential that runs Pyro's handlers (a
+        user's model) is traced first: they run once, at trace time."""
         if self.flat.batched is True:
-            # float32 positions and gradients after one step agree to ~1e-4 of their scale
-            self.compiled = CompiledFunction(self._step, rtol=1e-3, name="lockstep leapfrog")
+            self.compiled = CompiledFunction(
+                self._step,
+                # float32 positions and gradients after one step agree to ~1e-4 of their scale
+                rtol=1e-3,
+                name="lockstep leapfrog",
+                trace=not getattr(self.flat.potential, "pyro_free", True),
+            )
 
     @property
     def batched(self) -> bool | str:

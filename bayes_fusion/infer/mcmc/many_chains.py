@@ -113,14 +113,14 @@ def fit_mcmc(
         the chains start around.
     :param jit: run the leapfrog step through ``torch.compile`` (``True``: a one-off compile
         of 10-20 s on a 2-core CPU, 1-4 s with inductor's on-disk cache warm; eager, with a
-        warning, if compiling fails) or eagerly (``False``). ``"auto"``: for a model that
-        computes its log joint without Pyro's handlers (the library's ``Regressor`` /
-        ``Classifier``), the first 10 iterations run eagerly and are timed, and the step is
-        compiled from then on when the compile is predicted to pay for itself over the
+        warning, if compiling fails) or eagerly (``False``). A user's model, whose Pyro
+        handlers ``torch.compile`` cannot follow, is traced first (``make_fx``: its tensor
+        operations recorded once) and that graph compiled; a model whose chains do not batch
+        runs eagerly. ``"auto"``: the first 10 iterations run eagerly and are timed, and the
+        step is compiled from then on when the compile is predicted to pay for itself over the
         leapfrog steps left (:mod:`~bayes_fusion.infer.mcmc.compile_choice`: this machine's
         recorded compile times and steps per iteration, shared with SVI's ``jit=None``;
-        ``info["jit_choice"]`` has the prediction and the outcome); eager for any other
-        model.
+        ``info["jit_choice"]`` has the prediction and the outcome).
     :param marginalize: integrate a Gaussian ``Regressor``'s output sites out (``"auto"``:
         where the model allows; ``True``: require it; ``False``: sample every site).
     :param dense_metric: a dense metric (``"auto"``: up to 500 coordinates), else diagonal.
@@ -178,8 +178,8 @@ def fit_mcmc(
         )
     if resume is not None and (resume.method != "mcmc" or "sampler_state" not in resume.info):
         raise ValueError(f"resume: expected a result of guide='mcmc', got method={resume.method!r}")
-    if jit == "auto":  # decided from the costs where the model can compile, else eager
-        jit = None if getattr(model, "has_log_joint", False) else False
+    if jit == "auto":
+        jit = None  # decided from the measured costs
     options = MCMCOptions(
         num_chains=num_chains,
         num_samples=num_samples,

@@ -74,12 +74,16 @@ class Potential:
     :ivar centered: scale-site name -> ``(R,)`` per-component centring (see the module doc).
     :ivar contrasts: sites sampled as class contrasts, name -> number of event dims.
     :ivar evaluations: calls of :meth:`__call__` so far.
+    :ivar pyro_free: whether :meth:`potential` runs without Pyro's effect handlers, so that
+        ``torch.compile`` follows its Python directly (else it is traced first:
+        :class:`~bayes_fusion.infer.compiled.CompiledFunction`'s ``trace``).
     """
 
     init_values: dict[str, Tensor]
     centered: dict[str, Tensor]
     contrasts: dict[str, int]
     evaluations: int = 0
+    pyro_free: bool = True
 
     def potential(self, params: dict[str, Tensor]) -> Tensor:
         """Potential energy at one point of the unconstrained coordinates (scalar)."""
@@ -265,6 +269,7 @@ class ModelPotential(Potential):
             c = centered.get(scale_site, torch.zeros(like.shape[-1]))
             self.centered[scale_site] = torch.as_tensor(c, dtype=like.dtype, device=like.device)
         self.fast = bool(getattr(model, "has_log_joint", False)) and len(args) == 2
+        self.pyro_free = self.fast
         self.contrasts = _class_sites(model) if self.fast else {}
         self.basis = None
         if self.contrasts:
