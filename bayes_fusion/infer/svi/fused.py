@@ -189,7 +189,7 @@ class FusedSteps:
                 out = self._first_call(inputs, n)
         *state, losses, finite = out
         self._state = state
-        if n == 1:
+        if self.steps == 1:
             losses, finite = [losses.item()], [bool(finite)]
         else:
             losses, finite = losses[:n].tolist(), finite[:n].tolist()
