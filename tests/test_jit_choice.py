@@ -48,6 +48,9 @@ def test_records_predict_from_what_this_machine_measured(tmp_path):
     own = again.predict("g1", "steps", cache_on=True)
     assert own.compile_s == pytest.approx(12.0 * jit_choice.WARM_FRACTION) and own.step_ratio == 0.1
     assert again.predict("g1", "steps", cache_on=False).compile_s == 12.0
+    fused = again.predict("g8", "steps x8", cache_on=True)  # no fused compile on record
+    assert fused.compile_s == jit_choice.DEFAULT_FUSED_COLD_COMPILE_S
+    assert fused.step_ratio == jit_choice.DEFAULT_STEP_RATIO["fused"]
     again.record("g8", "steps x8", 80.0, cold, 0.02)  # jit="fused": not one step per call
     other = again.predict("g3", "steps", cache_on=True)  # unseen graph: the machine's median
     assert other.compile_s == pytest.approx(15.0) and other.step_ratio == 0.1
@@ -100,18 +103,28 @@ def test_default_stays_eager_where_the_compile_would_not_pay(monkeypatch, tmp_pa
 
 
 @pytest.mark.slow
-def test_default_compiles_when_the_prediction_says_it_pays(monkeypatch, tmp_path):
-    # as if this machine had this graph's warm compile on record: a 100-step fit compiles
+@pytest.mark.parametrize("fused_cheaper", [False, True])
+def test_default_compiles_when_the_prediction_says_it_pays(monkeypatch, tmp_path, fused_cheaper):
+    # as if this machine had this graph's warm compile on record: a 100-step fit compiles,
+    # one whole step per call -- or 2 per call (jit="fused", 2 unrolled here to keep the
+    # compile short) where those are predicted faster still
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("bayes_fusion.infer.svi.compilation.FUSED_STEPS", 2)
     eager = _fit(100, torch.float64, jit=False)
-    monkeypatch.setattr(
-        CostRecords,
-        "predict",
-        lambda self, sig, engine, cache_on=None: Prediction(0.0, 0.05, "test"),
-    )
+    fused_ratio = 0.01 if fused_cheaper else 0.1
+
+    def predict(self, sig, engine, cache_on=None):
+        return Prediction(0.0, fused_ratio if engine == "steps x2" else 0.05, "test")
+
+    monkeypatch.setattr(CostRecords, "predict", predict)
     res = _fit(100, torch.float64)
-    assert res.info["loss_engine"] == "compiled steps" and res.info["fused_steps"] == 1
-    actual = res.info["jit_choice"]["actual"]
+    per_call = 2 if fused_cheaper else 1
+    assert res.info["loss_engine"] == "compiled steps" and res.info["fused_steps"] == per_call
+    choice = res.info["jit_choice"]
+    assert choice["chosen"] == ("compiled steps x2" if fused_cheaper else "compiled steps")
+    assert set(choice["candidates"]) == {"steps", "steps x2"}
+    assert (choice["candidates"]["steps x2"] < choice["candidates"]["steps"]) == fused_cheaper
+    actual = choice["actual"]
     assert actual["compile_s"] > 0 and actual["compiled_step_ms"] > 0
     assert actual["cache"] == "cold"
     # the compiled steps continue the eager ones: the same losses
@@ -120,7 +133,8 @@ def test_default_compiles_when_the_prediction_says_it_pays(monkeypatch, tmp_path
     )
     # the compile is recorded for the next fit's prediction
     (entry,) = json.loads(compile_cache.costs_path().read_text()).values()
-    assert entry["engine"] == "steps" and entry["cold_s"] > 0 and entry["step_ratio"] > 0
+    assert entry["engine"] == ("steps x2" if fused_cheaper else "steps")
+    assert entry["cold_s"] > 0 and entry["step_ratio"] > 0
 
 
 _SECOND_PROCESS = textwrap.dedent(

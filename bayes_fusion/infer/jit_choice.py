@@ -17,7 +17,8 @@ step and ``C`` the compile time. A *step* is an SVI step (engines ``"steps"``, w
 * the same graph compiled before, cache on: its last warm compile (graph loaded from the
   cache), or its cold compile times :data:`WARM_FRACTION` when it was only ever built;
 * a graph not seen before (or the cache off): the median cold compile of the graphs this
-  machine did build with the same engine, else :data:`DEFAULT_COLD_COMPILE_S`;
+  machine did build with the same engine, else :data:`DEFAULT_COLD_COMPILE_S`
+  (:data:`DEFAULT_FUSED_COLD_COMPILE_S` for several SVI steps fused into one call);
 * ``t_c / t_e``: this graph's measured ratio, else the median of the machine's for the engine,
   else :data:`DEFAULT_STEP_RATIO`.
 
@@ -42,6 +43,7 @@ from .compile_cache import CacheUse, cache_enabled, costs_path
 
 __all__ = [
     "DEFAULT_COLD_COMPILE_S",
+    "DEFAULT_FUSED_COLD_COMPILE_S",
     "DEFAULT_STEP_RATIO",
     "PROBE_STEPS",
     "WARM_FRACTION",
@@ -57,13 +59,17 @@ PROBE_STEPS = 10
 #: a cold compile's seconds when this machine has none on record (a 2-core CPU measured 15-20 s
 #: for one whole step of the SVI benchmark model; benchmarks/results)
 DEFAULT_COLD_COMPILE_S = 20.0
+#: the same for several whole SVI steps unrolled into one call (engine ``"steps xK"``,
+#: ``jit="fused"``: 29-49 s for 8 steps on a 2-core Intel CPU, ~90 s on a 2-core AMD one)
+DEFAULT_FUSED_COLD_COMPILE_S = 60.0
 #: a warm compile (every graph loaded from inductor's cache) as a fraction of the cold one,
 #: where only the cold one is on record (measured 0.15-0.25)
 WARM_FRACTION = 0.25
 #: compiled step over eager step, per compiled engine, where none is on record (measured on a
 #: 2-core CPU: 0.09-0.15 for whole SVI steps, 0.4-0.6 for the compiled loss, 0.12-0.17 for a
-#: batched leapfrog step of 16 chains: 1.0 ms against 5-8 ms on the benchmarks' CP and XOX models)
-DEFAULT_STEP_RATIO = {"steps": 0.25, "loss": 0.6, "leapfrog": 0.2}
+#: batched leapfrog step of 16 chains: 1.0 ms against 5-8 ms on the benchmarks' CP and XOX models;
+#: 0.07-0.1 per step for 8 fused SVI steps, engine ``"steps xK"``: key ``"fused"``)
+DEFAULT_STEP_RATIO = {"steps": 0.25, "loss": 0.6, "leapfrog": 0.2, "fused": 0.1}
 
 
 def graph_signature(engine: str, steps_per_call: int, model, params, batch, extra=()) -> str:
@@ -127,9 +133,10 @@ class CostRecords:
 
     def predict(self, signature: str, engine: str, cache_on: bool | None = None) -> Prediction:
         """The predicted compile time and step ratio of graph ``signature`` of ``engine``
-        (``"steps"``, ``"loss"`` or ``"leapfrog"``), with the on-disk cache on or off (``None``: as
-        configured)."""
+        (``"steps"``, ``"steps xK"`` for K fused steps, ``"loss"`` or ``"leapfrog"``), with the
+        on-disk cache on or off (``None``: as configured)."""
         cache_on = cache_enabled() if cache_on is None else cache_on
+        fused = engine.startswith("steps x")
         own = self.entries.get(signature, {})
         ratios = self._of_engine(engine, "step_ratio")
         if "step_ratio" in own:
@@ -137,7 +144,7 @@ class CostRecords:
         elif ratios:
             ratio = statistics.median(ratios)
         else:
-            ratio = DEFAULT_STEP_RATIO[engine]
+            ratio = DEFAULT_STEP_RATIO["fused" if fused else engine]
         if cache_on and "warm_s" in own:
             return Prediction(own["warm_s"], ratio, "this graph's last warm compile here")
         if cache_on and "cold_s" in own:
@@ -149,7 +156,8 @@ class CostRecords:
         colds = self._of_engine(engine, "cold_s")
         if colds:
             return Prediction(statistics.median(colds), ratio, "this machine's cold compiles")
-        return Prediction(DEFAULT_COLD_COMPILE_S, ratio, "the default (nothing on record)")
+        default = DEFAULT_FUSED_COLD_COMPILE_S if fused else DEFAULT_COLD_COMPILE_S
+        return Prediction(default, ratio, "the default (nothing on record)")
 
     def record(
         self,

@@ -24,8 +24,10 @@ class Compilation:
     * ``"fused"``: :data:`~.fused.FUSED_STEPS` whole steps per call (a warning and the
       compiled loss where the fit does not allow it).
     * ``None``: eager; after the first step and :data:`~..jit_choice.PROBE_STEPS` timed eager
-      steps, compiled (as ``True``) when :func:`~..jit_choice.choose` predicts that the compile
-      pays for itself over the remaining steps.
+      steps, compiled when :func:`~..jit_choice.choose` predicts that a compile pays for itself
+      over the remaining steps -- whichever of the compiled engines the fit allows (whole
+      steps one per call as ``True``, or :data:`~.fused.FUSED_STEPS` per call as ``"fused"``;
+      else the loss) is predicted the fastest in all.
 
     Only the library's own models (a Pyro-free ``log_joint``) with the direct ELBO compile;
     ``jit=True`` / ``"fused"`` warn and run eagerly for any other. A distributed fit's
@@ -57,7 +59,9 @@ class Compilation:
         self.fused: FusedSteps | None = None
         self.choice: CompileChoice | None = None
         self._probe: list[float] | None = None
-        self._signature: str | None = None
+        self._signatures: dict[int, str] = {}  # steps per call -> graph signature
+        #: ``jit=None``: each candidate engine's predicted seconds for the rest of the fit
+        self.candidates: dict[str, float] = {}
         self._since: float | None = None  # when the compiled engine took over
         self._steps_since = 0
         direct = stepper.direct
@@ -124,10 +128,17 @@ class Compilation:
         eager_ms = statistics.median(self._probe) * 1e3
         self._probe = None
         records = self._records()
-        prediction = records.predict(self._graph_signature(batch), self.engine)
-        self.choice = choose(remaining, eager_ms, self.engine, prediction)
-        if self.choice.compile:
-            self._start(self.engine, 1)
+        best, best_steps = None, 1
+        for steps in (1, FUSED_STEPS) if self.engine == "steps" else (1,):
+            engine = self._recorded_engine(steps)
+            prediction = records.predict(self._graph_signature(batch, steps), engine)
+            choice = choose(remaining, eager_ms, engine, prediction)
+            self.candidates[engine] = round(choice.predicted_compiled_s, 3)
+            if best is None or choice.predicted_compiled_s < best.predicted_compiled_s:
+                best, best_steps = choice, steps
+        self.choice = best
+        if best.compile:
+            self._start(self.engine, best_steps)
 
     def compiled_steps_done(self, n: int) -> None:
         """Count ``n`` steps run by the compiled engine."""
@@ -142,22 +153,23 @@ class Compilation:
             self.records = CostRecords()
         return self.records
 
-    def _graph_signature(self, batch) -> str:
-        if self._signature is None:
-            steps = self.fused.steps if self.fused is not None else 1
-            direct = self.stepper.direct
-            self._signature = graph_signature(
-                self.engine, steps, direct.model, direct.params, batch
-            )
-        return self._signature
+    def _steps_per_call(self) -> int:
+        """Whole steps per compiled call of the running engine (1: one step, or the loss)."""
+        return self.fused.steps if self.fused is not None else 1
 
-    def _recorded_engine(self) -> str:
-        """The engine a compile is recorded under: ``"steps"`` for one whole step per call (what
-        ``jit=None`` predicts from), ``"steps x8"`` for ``jit="fused"`` (its 4x longer compile
-        must not enter the one-step median), ``"loss"``."""
-        if self.fused is not None and self.fused.steps > 1:
-            return f"steps x{self.fused.steps}"
-        return self.engine
+    def _graph_signature(self, batch, steps_per_call: int) -> str:
+        if steps_per_call not in self._signatures:
+            direct = self.stepper.direct
+            self._signatures[steps_per_call] = graph_signature(
+                self.engine, steps_per_call, direct.model, direct.params, batch
+            )
+        return self._signatures[steps_per_call]
+
+    def _recorded_engine(self, steps_per_call: int) -> str:
+        """The engine a compile is recorded (and predicted) under: ``"steps"`` for one whole
+        step per call, ``"steps x8"`` for 8 (``jit="fused"``: its longer compile must not enter
+        the one-step median), ``"loss"``."""
+        return f"steps x{steps_per_call}" if steps_per_call > 1 else self.engine
 
     def _compiled(self):
         """``(compile seconds, cache use)`` of the compiled engine, ``None`` when none ran."""
@@ -174,7 +186,9 @@ class Compilation:
         nothing compiled), ``compile_cache`` (what inductor's on-disk cache did:
         :attr:`~bayes_fusion.infer.compile_cache.CacheUse.state`), ``fused_steps`` (whole
         steps per compiled call), ``jit_choice``
-        (``jit=None``'s prediction and what happened); records the compile's costs."""
+        (``jit=None``'s prediction and what happened; ``candidates``: each compiled engine's
+        predicted seconds for the rest of the fit, compile included); records the compile's
+        costs."""
         direct = self.stepper.direct
         compiled = self._compiled()
         if direct is None:
@@ -191,18 +205,23 @@ class Compilation:
             info["compile_cache"] = cache.state
             if self.fused is not None:
                 info["fused_steps"] = self.fused.steps
-            if self._steps_since:
+            if self._steps_since and self._since is not None:
                 spent = time.perf_counter() - self._since - compile_s
                 step_ms = max(spent, 0.0) / self._steps_since * 1e3
             ratio = None
             if self.choice is not None and step_ms is not None:
                 ratio = step_ms / self.choice.eager_ms
             self._records().record(
-                self._graph_signature(batch), self._recorded_engine(), compile_s, cache, ratio
+                self._graph_signature(batch, self._steps_per_call()),
+                self._recorded_engine(self._steps_per_call()),
+                compile_s,
+                cache,
+                ratio,
             )
         if self.choice is not None:
             if compiled is None:
                 info["jit_choice"] = self.choice.report()
             else:
                 info["jit_choice"] = self.choice.report(compile_s, step_ms, cache)
+            info["jit_choice"]["candidates"] = dict(self.candidates)
         return info
