@@ -47,7 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..compiled import CompiledFunction
-from .compile_choice import PROBE_ITERATIONS, LeapfrogCompileChoice
+from .compile_choice import PROBE_ITERATIONS, RECHECK_ITERATIONS, LeapfrogCompileChoice
 
 __all__ = [
     "DENSE_METRIC_MAX_DIM",
@@ -509,8 +509,9 @@ def run_lockstep(
     :param target_accept_prob: target of the chains' mean acceptance probability.
     :param max_steps: most leapfrog steps in one iteration.
     :param compile: run the leapfrog step through ``torch.compile`` (``True``), eagerly
-        (``False``), or decide after :data:`~.compile_choice.PROBE_ITERATIONS` eager iterations
-        from the measured costs (``None``; needs ``costs``).
+        (``False``), or decide from the measured costs after
+        :data:`~.compile_choice.PROBE_ITERATIONS` eager iterations, and again every
+        :data:`~.compile_choice.RECHECK_ITERATIONS` while eager (``None``; needs ``costs``).
     :param costs: the cost model's records of this run's graph
         (:class:`~.compile_choice.LeapfrogCompileChoice`): with ``compile=None`` it decides;
         in any case the run's steps per iteration and compile costs are recorded.
@@ -544,9 +545,9 @@ def run_lockstep(
     warmup_divergences = restarted_chains = 0
     stats = {name: [] for name in ("diverging", "acceptance_rate", "n_steps", "energy", "lp")}
     total = warmup_steps + num_samples
-    probing = compile is None and total > PROBE_ITERATIONS
-    leapfrog.times = [] if probing or (compile is True and costs is not None) else None
-    leapfrog_steps = 0
+    deciding = compile is None and total > PROBE_ITERATIONS
+    leapfrog.times = [] if deciding or (compile is True and costs is not None) else None
+    iteration_steps = []
     with tqdm(total=total, disable=not progress, desc="MCMC (lockstep chains)", leave=False) as bar:
         for i in range(total):
             warm = i < warmup_steps
@@ -559,12 +560,16 @@ def run_lockstep(
             (w, u, g), (w1, p1, prob, divergent), energy = trajectory(
                 w, u, g, step_size, steps, whitening
             )
-            leapfrog_steps += steps
-            if probing and i + 1 == PROBE_ITERATIONS:
-                probing = False
-                if costs.decide(leapfrog.times, total - i - 1):
-                    leapfrog.compile_now()
-                leapfrog.times = [] if leapfrog.compiled is not None else None
+            iteration_steps.append(steps)
+            done = i + 1
+            if deciding and done >= PROBE_ITERATIONS and done < total:
+                if done == PROBE_ITERATIONS or (done - PROBE_ITERATIONS) % RECHECK_ITERATIONS == 0:
+                    recent = iteration_steps[-RECHECK_ITERATIONS:]
+                    probe = leapfrog.times if done == PROBE_ITERATIONS else None
+                    if costs.decide(done, total - done, sum(recent) / len(recent), probe):
+                        deciding = False
+                        leapfrog.compile_now()
+                    leapfrog.times = [] if leapfrog.compiled is not None else None
             if warm:
                 warmup_divergences += int(divergent.sum())
                 adaptation.update(w0, w1, p1, prob, divergent, jitter)
@@ -618,5 +623,7 @@ def run_lockstep(
         gradients=leapfrog.calls,
         compile=leapfrog.report(),
         batched=leapfrog.batched,
-        jit_choice=None if costs is None else leapfrog.record_costs(costs, leapfrog_steps / total),
+        jit_choice=None
+        if costs is None
+        else leapfrog.record_costs(costs, statistics.mean(iteration_steps[warmup_steps:])),
     )

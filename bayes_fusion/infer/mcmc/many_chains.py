@@ -118,8 +118,9 @@ def fit_mcmc(
         operations recorded once) and that graph compiled; a model whose chains do not batch
         runs eagerly. ``"auto"``: the first 10 iterations run eagerly and are timed, and the
         step is compiled from then on when the compile is predicted to pay for itself over the
-        leapfrog steps left (:mod:`~bayes_fusion.infer.mcmc.compile_choice`: this machine's
-        recorded compile times and steps per iteration, shared with SVI's ``jit=None``;
+        leapfrog steps left (checked again every 25 iterations while eager, as trajectories
+        lengthen; :mod:`~bayes_fusion.infer.mcmc.compile_choice`: this machine's recorded
+        compile times and steps per iteration, shared with SVI's ``jit=None``;
         ``info["jit_choice"]`` has the prediction and the outcome).
     :param marginalize: integrate a Gaussian ``Regressor``'s output sites out (``"auto"``:
         where the model allows; ``True``: require it; ``False``: sample every site).
