@@ -291,7 +291,7 @@ def test_the_compile_choice_weighs_the_predicted_costs(tmp_path):
 
 
 @pytest.mark.parametrize("cheap", [False, True])
-def test_a_run_compiles_from_its_probe_on_only_where_it_pays(tmp_path, cheap):
+def test_a_run_is_compiled_from_its_probe_on_only_where_it_pays(tmp_path, cheap):
     """``compile=None``: the first iterations run eagerly and are timed; the step compiles
     from then on where this machine's records make the compile cheap, and stays eager where
     they make it dear; both runs sample the target and report the choice."""
@@ -334,7 +334,7 @@ class PoissonRates(pyro.nn.PyroModule):
         return log_rate
 
 
-def test_a_user_models_leapfrog_step_compiles_traced():
+def test_a_user_models_leapfrog_step_is_compiled_traced():
     """torch.compile cannot follow Pyro's handlers: the user model's batched step is traced
     (make_fx) and that graph compiled -- checked against eager on its first call (a failure
     would warn, an error here) -- and the chains still find the rates."""
