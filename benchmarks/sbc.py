@@ -110,7 +110,7 @@ def fit_draws(guide: str, sim: dict, seed: int, quick: bool) -> tuple[dict, dict
     ``(L, R)`` and the held-out predictive mean ``(L, HELD_OUT, OUT)``, and run info."""
     model = make_model()
     if guide == "nuts":
-        n = 40 if quick else NUTS_DRAWS
+        n = 20 if quick else NUTS_DRAWS  # quick: 2 x 20 draws still thin to DRAWS + 1
         options = {
             "num_samples": n,
             "warmup_steps": n,
@@ -118,7 +118,7 @@ def fit_draws(guide: str, sim: dict, seed: int, quick: bool) -> tuple[dict, dict
             "max_tree_depth": NUTS_DEPTH,
         }
         if quick:
-            options["init_steps"] = 200
+            options.update(scored_section.QUICK_NUTS)
     elif guide == "mcmc":
         options = dict(scored_section.QUICK_MCMC) if quick else {}
     else:
