@@ -105,13 +105,18 @@ class BranchingGaussian(GaussianPotential):
         return 0.5 * d @ self.precision @ d
 
 
-def test_a_potential_that_does_not_batch_runs_its_chains_one_by_one():
+@pytest.mark.parametrize("compile", [True, None])
+def test_a_potential_that_does_not_batch_runs_its_chains_one_by_one(tmp_path, compile):
+    # compile=None: nothing to decide (one chain after another runs eagerly whatever the cost)
     mean, cov = _correlated_gaussian(2)
     flat = FlatPotential(BranchingGaussian(mean, cov), {"x": torch.zeros(2, dtype=torch.float64)})
     starts = torch.randn(4, 2, dtype=torch.float64)
+    costs = LeapfrogCompileChoice("branching", CostRecords(tmp_path / "costs.json"))
     with pytest.warns(RuntimeWarning, match="does not broadcast over a leading chain dimension"):
-        run = run_lockstep(flat, starts, torch.ones(2, dtype=torch.float64), 150, 100, compile=True)
-    assert isinstance(run.batched, str) and run.compile is None
+        run = run_lockstep(
+            flat, starts, torch.ones(2, dtype=torch.float64), 150, 100, compile=compile, costs=costs
+        )
+    assert isinstance(run.batched, str) and run.compile is None and run.jit_choice is None
     sd = cov.diagonal().sqrt()
     assert ((run.draws.reshape(-1, 2).mean(0) - mean).abs() / sd).max() < 0.3
 

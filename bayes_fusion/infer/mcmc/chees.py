@@ -545,7 +545,8 @@ def run_lockstep(
     warmup_divergences = restarted_chains = 0
     stats = {name: [] for name in ("diverging", "acceptance_rate", "n_steps", "energy", "lp")}
     total = warmup_steps + num_samples
-    deciding = compile is None and total > PROBE_ITERATIONS
+    # (chains that do not batch run eagerly whatever the costs: nothing to decide)
+    deciding = compile is None and total > PROBE_ITERATIONS and leapfrog.batched is True
     leapfrog.times = [] if deciding or (compile is True and costs is not None) else None
     iteration_steps = []
     with tqdm(total=total, disable=not progress, desc="MCMC (lockstep chains)", leave=False) as bar:
