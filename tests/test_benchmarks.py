@@ -11,6 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _benchmark_module(name: str):
+    """A module of benchmarks/ (not a package: imported with its folder on the path)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def test_benchmarks_quick_writes_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
@@ -96,11 +105,7 @@ def test_benchmarks_quick_writes_table(tmp_path):
 
 
 def test_sbc_ranks_are_uniform_for_an_exact_posterior_and_not_for_an_overconfident_one():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import sbc
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    sbc = _benchmark_module("sbc")
     import torch
 
     torch.manual_seed(0)
@@ -121,11 +126,7 @@ def test_sbc_ranks_are_uniform_for_an_exact_posterior_and_not_for_an_overconfide
 
 
 def test_binary_calibration_problem_scores_the_true_class_probability():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import calibration
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    calibration = _benchmark_module("calibration")
     import torch
 
     factory, train, test, truth, pick = calibration.problem("binary", seed=0)
@@ -135,14 +136,6 @@ def test_binary_calibration_problem_scores_the_true_class_probability():
     draws = pick(probs.expand(50, -1, -1))
     assert calibration.coverage(draws, truth, 0.5) == 1.0
     assert calibration.coverage(draws + 0.1, truth, 0.9) == 0.0
-
-
-def _benchmark_module(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def _twin_case(model_name: str):
@@ -195,7 +188,6 @@ def test_numpyro_twin_has_the_log_density_of_our_model(model_name):
     jax.config.update("jax_enable_x64", True)
     model, inputs, y, options, out = _twin_case(model_name)
     model = model.double()
-    torch.manual_seed(0)
     trace = pyro.poutine.trace(model).get_trace(inputs, y)
     gen = torch.Generator().manual_seed(1)
     point = {  # moderate values: a prior draw's heavy-tailed scales overflow the Poisson rates

@@ -5,7 +5,6 @@ data of known rank (continued, saved, exported)."""
 import math
 import warnings
 
-import pyro
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from bayes_fusion.infer.mcmc.compile_choice import (
 )
 from bayes_fusion.infer.mcmc.convergence import nested_r_hat, r_hat_and_ess
 from bayes_fusion.infer.mcmc.potential import FlatPotential, Potential
+from tests.test_generic_nuts import PoissonFusion
 
 
 class GaussianPotential(Potential):
@@ -324,28 +324,13 @@ def test_a_run_is_compiled_from_its_probe_on_only_where_it_pays(tmp_path, cheap)
         run_lockstep(flat, starts, cov, 5, 5, compile=None)
 
 
-class PoissonRates(pyro.nn.PyroModule):
-    """A user model: counts ``~ Poisson(exp(CPFusion(inputs)))``, written with Pyro's
-    primitives only (no ``log_joint``: its density runs Pyro's handlers)."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, inputs, y=None):
-        log_rate = self.layer(inputs).squeeze(-1)
-        with pyro.plate("data", log_rate.shape[-1]):
-            pyro.sample("obs", pyro.distributions.Poisson(log_rate.exp()), obs=y)
-        return log_rate
-
-
 def test_a_user_models_leapfrog_step_is_compiled_traced():
     """torch.compile cannot follow Pyro's handlers: the user model's batched step is traced
     (make_fx) and that graph compiled -- checked against eager on its first call (a failure
     would warn, an error here) -- and the chains still find the rates."""
     data = make_cp_regression((3, 2), 1, rank=1, num_data=80, noise=0.01, seed=0)
     counts = torch.poisson((0.7 * data.y[:, 0]).exp(), generator=torch.Generator().manual_seed(0))
-    model = PoissonRates(bf.CPFusion((3, 2), 1, max_rank=2))
+    model = PoissonFusion(bf.CPFusion((3, 2), 1, max_rank=2))
     res = bf.fit(
         model,
         data.inputs,
@@ -361,6 +346,6 @@ def test_a_user_models_leapfrog_step_is_compiled_traced():
     )
     assert res.info["batched"] is True
     assert res.info["compiled"]["compiled"] and res.info["compiled"]["failure"] is None
-    log_rate = res.predict(data.inputs)["mean"]
+    log_rate = res.predict(data.inputs)["mean"][:, 0]
     truth = 0.7 * data.y[:, 0]
     assert float(torch.corrcoef(torch.stack([log_rate, truth]))[0, 1]) > 0.9
