@@ -563,14 +563,17 @@ def run_lockstep(
             )
             iteration_steps.append(steps)
             done = i + 1
-            if deciding and done >= PROBE_ITERATIONS and done < total:
-                if done == PROBE_ITERATIONS or (done - PROBE_ITERATIONS) % RECHECK_ITERATIONS == 0:
-                    recent = iteration_steps[-RECHECK_ITERATIONS:]
-                    probe = leapfrog.times if done == PROBE_ITERATIONS else None
-                    if costs.decide(done, total - done, sum(recent) / len(recent), probe):
-                        deciding = False
-                        leapfrog.compile_now()
-                    leapfrog.times = [] if leapfrog.compiled is not None else None
+            due = (
+                PROBE_ITERATIONS <= done < total
+                and (done - PROBE_ITERATIONS) % RECHECK_ITERATIONS == 0
+            )
+            if deciding and due:
+                recent = iteration_steps[-RECHECK_ITERATIONS:]
+                probe = leapfrog.times if done == PROBE_ITERATIONS else None
+                if costs.decide(done, total - done, sum(recent) / len(recent), probe):
+                    deciding = False
+                    leapfrog.compile_now()
+                leapfrog.times = [] if leapfrog.compiled is not None else None
             if warm:
                 warmup_divergences += int(divergent.sum())
                 adaptation.update(w0, w1, p1, prob, divergent, jitter)

@@ -51,18 +51,13 @@ class LeapfrogCompileChoice:
 
     def __init__(self, signature: str, records: CostRecords | None = None) -> None:
         self.signature = signature
-        self.records = records
+        self.records = records if records is not None else CostRecords()
         self.choice: CompileChoice | None = None
         self.predicted_steps_per_iteration: float | None = None
         self.eager_ms: float | None = None
         #: decisions taken so far, and the iteration (1-based) of the last one
         self.checks = 0
         self.decided_after: int | None = None
-
-    def _records(self) -> CostRecords:
-        if self.records is None:
-            self.records = CostRecords()
-        return self.records
 
     def decide(
         self,
@@ -79,7 +74,7 @@ class LeapfrogCompileChoice:
         :param eager_step_seconds: the probe's eager leapfrog steps, seconds each (the first
             decision's; later ones reuse its median).
         """
-        records = self._records()
+        records = self.records
         if eager_step_seconds:
             self.eager_ms = statistics.median(eager_step_seconds) * 1e3
         if self.eager_ms is None:
@@ -110,7 +105,7 @@ class LeapfrogCompileChoice:
         :param compiled_step_ms: the compiled leapfrog step's median, ms.
         :param cache: what inductor's on-disk cache did for the compile.
         """
-        records = self._records()
+        records = self.records
         records.record_steps_per_iteration(self.signature, ENGINE, steps_per_iteration)
         if compile_s is not None:
             ratio = None
