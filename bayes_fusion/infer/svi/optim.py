@@ -30,6 +30,30 @@ def adam_step_size(lr, step, betas: tuple[float, float]):
     return lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
 
 
+def _update_moments_(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    clip_norm: float,
+) -> list[Tensor]:
+    """The moment half of a clipped Adam update, in place: ``grads`` clamped element-wise to
+    ``[-clip_norm, clip_norm]``, then ``exp_avgs`` and ``exp_avg_sqs`` updated (Pyro's order of
+    operations). Returns the denominators ``sqrt(exp_avg_sq) + eps``."""
+    beta1, beta2 = betas
+    torch._foreach_clamp_min_(grads, -clip_norm)
+    torch._foreach_clamp_max_(grads, clip_norm)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denoms, eps)
+    return denoms
+
+
 def clipped_adam_update(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -41,10 +65,10 @@ def clipped_adam_update(
     clip_norm: float,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """One clipped Adam update of several tensors at once (multi-tensor ``_foreach`` kernels),
-    without side effects: the one update of the eager optimizer (:class:`FusedClippedAdam`)
-    and of the compiled steps (:mod:`bayes_fusion.infer.svi.fused`), the arithmetic of
-    :class:`pyro.optim.ClippedAdam` (gradients clamped element-wise to ``[-clip_norm,
-    clip_norm]``, no weight decay).
+    without side effects: the update of the compiled steps
+    (:mod:`bayes_fusion.infer.svi.fused`), the arithmetic of :class:`pyro.optim.ClippedAdam`
+    (gradients clamped element-wise to ``[-clip_norm, clip_norm]``, no weight decay) and of
+    :class:`FusedClippedAdam`, which does the same in place.
 
     :param grads: gradients, one per parameter tensor.
     :param exp_avgs: first moments, as ``grads``. :param exp_avg_sqs: second moments.
@@ -53,13 +77,12 @@ def clipped_adam_update(
     :returns: ``(deltas, exp_avgs, exp_avg_sqs)``: what to add to each parameter, and the new
         moments.
     """
-    beta1, beta2 = betas
-    grads = torch._foreach_clamp_max(torch._foreach_clamp_min(grads, -clip_norm), clip_norm)
-    exp_avgs = torch._foreach_add(torch._foreach_mul(exp_avgs, beta1), grads, alpha=1 - beta1)
-    exp_avg_sqs = torch._foreach_addcmul(
-        torch._foreach_mul(exp_avg_sqs, beta2), grads, grads, value=1 - beta2
+    grads, exp_avgs, exp_avg_sqs = (
+        [t.clone() for t in ts] for ts in (grads, exp_avgs, exp_avg_sqs)
     )
-    denoms = torch._foreach_add(torch._foreach_sqrt(exp_avg_sqs), eps)
+    denoms = _update_moments_(
+        grads, exp_avgs, exp_avg_sqs, betas=betas, eps=eps, clip_norm=clip_norm
+    )
     # (-step * m) / denom: the order of Pyro's ``addcdiv_``, so the numbers agree bit for bit
     if isinstance(step_sizes, Tensor):
         scaled = torch._foreach_mul(exp_avgs, -step_sizes)
@@ -116,19 +139,18 @@ class FusedClippedAdam(PyroOptim):
             s.lr *= self.args["lrd"]
             s.step += 1
         step_sizes = [adam_step_size(s.lr, s.step, self.args["betas"]) for s in states]
-        deltas, exp_avgs, exp_avg_sqs = clipped_adam_update(
-            [p.grad for p in params],
-            [s.exp_avg for s in states],
-            [s.exp_avg_sq for s in states],
-            step_sizes,
-            betas=self.args["betas"],
-            eps=self.args["eps"],
-            clip_norm=self.args["clip_norm"],
-        )
-        for s, m, v in zip(states, exp_avgs, exp_avg_sqs, strict=True):
-            s.exp_avg, s.exp_avg_sq = m, v
+        exp_avgs = [s.exp_avg for s in states]
+        # in place, as Pyro's ClippedAdam: no new tensors per step but the denominators
         with torch.no_grad():
-            torch._foreach_add_(params, deltas)
+            denoms = _update_moments_(
+                [p.grad for p in params],
+                exp_avgs,
+                [s.exp_avg_sq for s in states],
+                betas=self.args["betas"],
+                eps=self.args["eps"],
+                clip_norm=self.args["clip_norm"],
+            )
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, [-size for size in step_sizes])
 
     def state_of(self, p: Tensor) -> _ParamState:
         """The update state of parameter ``p`` (created, or loaded from :meth:`set_state`, on
