@@ -36,12 +36,11 @@ def _update_moments_(
     exp_avg_sqs: list[Tensor],
     *,
     betas: tuple[float, float],
-    eps: float,
     clip_norm: float,
-) -> list[Tensor]:
+) -> None:
     """The moment half of a clipped Adam update, in place: ``grads`` clamped element-wise to
     ``[-clip_norm, clip_norm]``, then ``exp_avgs`` and ``exp_avg_sqs`` updated (Pyro's order of
-    operations). Returns the denominators ``sqrt(exp_avg_sq) + eps``."""
+    operations). The step is ``(-step_size * exp_avg) / (sqrt(exp_avg_sq) + eps)``."""
     beta1, beta2 = betas
     torch._foreach_clamp_min_(grads, -clip_norm)
     torch._foreach_clamp_max_(grads, clip_norm)
@@ -49,9 +48,6 @@ def _update_moments_(
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denoms, eps)
-    return denoms
 
 
 def clipped_adam_update(
@@ -80,9 +76,8 @@ def clipped_adam_update(
     grads, exp_avgs, exp_avg_sqs = (
         [t.clone() for t in ts] for ts in (grads, exp_avgs, exp_avg_sqs)
     )
-    denoms = _update_moments_(
-        grads, exp_avgs, exp_avg_sqs, betas=betas, eps=eps, clip_norm=clip_norm
-    )
+    _update_moments_(grads, exp_avgs, exp_avg_sqs, betas=betas, clip_norm=clip_norm)
+    denoms = torch._foreach_add(torch._foreach_sqrt(exp_avg_sqs), eps)
     # (-step * m) / denom: the order of Pyro's ``addcdiv_``, so the numbers agree bit for bit
     if isinstance(step_sizes, Tensor):
         scaled = torch._foreach_mul(exp_avgs, -step_sizes)
@@ -101,8 +96,63 @@ class _ParamState:
         self.lr = lr
 
 
+class _FlatMoments:
+    """The Adam moments of parameters of one dtype and device in two flat buffers, each
+    parameter's state holding views of them: a step is a few kernels over all the parameters'
+    numbers, into buffers allocated once, instead of a few kernels per parameter tensor
+    (torch's ``_foreach`` kernels loop over the tensors on the CPU) and new tensors per step.
+
+    :param params: the parameters.
+    :param states: their :class:`_ParamState`, in the same order; their moments become views.
+    """
+
+    def __init__(self, params: list[Tensor], states: list[_ParamState]) -> None:
+        self.params, self.states = params, states
+        self.sizes = [p.numel() for p in params]
+        self.exp_avg = torch.cat([s.exp_avg.reshape(-1) for s in states])
+        self.exp_avg_sq = torch.cat([s.exp_avg_sq.reshape(-1) for s in states])
+        for s, m, v in zip(
+            states, self._views_of(self.exp_avg), self._views_of(self.exp_avg_sq), strict=True
+        ):
+            s.exp_avg, s.exp_avg_sq = m, v
+        self._moments = [(s.exp_avg, s.exp_avg_sq) for s in states]
+        self._grad = torch.empty_like(self.exp_avg)
+        self._denom = torch.empty_like(self.exp_avg)
+        self._delta = torch.empty_like(self.exp_avg)
+        self._deltas = self._views_of(self._delta)
+        self._numels = torch.tensor(self.sizes, device=self.exp_avg.device)
+
+    def _views_of(self, flat: Tensor) -> list[Tensor]:
+        return [v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params, strict=True)]
+
+    def intact(self) -> bool:
+        """Whether every state's moments are still views of the buffers (not replaced)."""
+        return all(
+            s.exp_avg is m and s.exp_avg_sq is v
+            for s, (m, v) in zip(self.states, self._moments, strict=True)
+        )
+
+    def step(self, *, betas, eps, clip_norm) -> None:
+        """One clipped Adam step of every parameter, each at its state's step size, in place."""
+        grad, denom, delta = self._grad, self._denom, self._delta
+        torch.cat([p.grad.reshape(-1) for p in self.params], out=grad)
+        _update_moments_(
+            [grad], [self.exp_avg], [self.exp_avg_sq], betas=betas, clip_norm=clip_norm
+        )
+        torch.sqrt(self.exp_avg_sq, out=denom).add_(eps)
+        # (-step * m) / denom: the order of Pyro's ``addcdiv_``, so the numbers agree bit for bit
+        sizes = [-adam_step_size(s.lr, s.step, betas) for s in self.states]
+        if all(size == sizes[0] for size in sizes):
+            torch.mul(self.exp_avg, sizes[0], out=delta)
+        else:
+            per_element = torch.tensor(sizes, dtype=delta.dtype).to(delta.device)
+            torch.mul(self.exp_avg, per_element.repeat_interleave(self._numels), out=delta)
+        delta.div_(denom)
+        torch._foreach_add_(self.params, self._deltas)
+
+
 class FusedClippedAdam(PyroOptim):
-    """``pyro.optim.ClippedAdam`` with one multi-tensor update per step.
+    """``pyro.optim.ClippedAdam`` with one update over all parameters per step.
 
     Same arguments and the same arithmetic as :class:`pyro.optim.ClippedAdam` (without weight
     decay and centred variance). A drop-in for ``SVI`` and for :func:`bayes_fusion.fit`'s
@@ -127,6 +177,9 @@ class FusedClippedAdam(PyroOptim):
         self._states: dict[Tensor, _ParamState] = {}
         # saved states (parameter name -> ClippedAdam state_dict) for parameters not seen yet
         self._pending: dict[str, dict] = {}
+        # the last step's parameters, their moments in flat buffers (one per dtype and device)
+        self._grouped_params: list[Tensor] = []
+        self._groups: list[_FlatMoments] = []
 
     # --- the update ---------------------------------------------------------------------
     def __call__(self, params, *args, **kwargs) -> None:
@@ -138,19 +191,30 @@ class FusedClippedAdam(PyroOptim):
         for s in states:
             s.lr *= self.args["lrd"]
             s.step += 1
-        step_sizes = [adam_step_size(s.lr, s.step, self.args["betas"]) for s in states]
-        exp_avgs = [s.exp_avg for s in states]
-        # in place, as Pyro's ClippedAdam: no new tensors per step but the denominators
         with torch.no_grad():
-            denoms = _update_moments_(
-                [p.grad for p in params],
-                exp_avgs,
-                [s.exp_avg_sq for s in states],
-                betas=self.args["betas"],
-                eps=self.args["eps"],
-                clip_norm=self.args["clip_norm"],
-            )
-            torch._foreach_addcdiv_(params, exp_avgs, denoms, [-size for size in step_sizes])
+            for group in self._flat_groups(params, states):
+                group.step(
+                    betas=self.args["betas"], eps=self.args["eps"], clip_norm=self.args["clip_norm"]
+                )
+
+    def _flat_groups(self, params: list[Tensor], states: list[_ParamState]) -> list[_FlatMoments]:
+        """The flat buffers of ``params``, one per dtype and device: the last step's when these
+        are its parameters (the usual case: every step of a fit updates the same ones)."""
+        last = self._grouped_params
+        if (
+            len(last) == len(params)
+            and all(p is q for p, q in zip(params, last, strict=True))
+            and all(group.intact() for group in self._groups)
+        ):
+            return self._groups
+        kinds: dict[tuple, tuple[list, list]] = {}
+        for p, s in zip(params, states, strict=True):
+            same_kind = kinds.setdefault((p.dtype, p.device), ([], []))
+            same_kind[0].append(p)
+            same_kind[1].append(s)
+        self._groups = [_FlatMoments(ps, ss) for ps, ss in kinds.values()]
+        self._grouped_params = params
+        return self._groups
 
     def state_of(self, p: Tensor) -> _ParamState:
         """The update state of parameter ``p`` (created, or loaded from :meth:`set_state`, on
