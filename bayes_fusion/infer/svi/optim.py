@@ -1,11 +1,12 @@
-"""Pyro's ClippedAdam as one fused update over all parameters; its arithmetic is
-:func:`clipped_adam_update`, which the compiled steps share.
+"""Pyro's ClippedAdam as one update over all parameters; the compiled steps share its moment
+arithmetic through :func:`clipped_adam_update`.
 
 :class:`pyro.optim.ClippedAdam` keeps one torch optimizer per parameter and steps them one by
 one: for a guide with 14 parameter tensors that is 14 Python-level optimizer steps, each a dozen
 small kernel launches, every SVI step. :class:`FusedClippedAdam` applies the same update
 (element-wise gradient clamp, Adam moments, bias correction, per-step learning-rate decay
-``lr <- lr * lrd``) to all parameters at once with torch's multi-tensor (``_foreach``) kernels.
+``lr <- lr * lrd``) to all parameters at once and in place: the moments of each dtype/device
+group live in two flat buffers, so a step is about ten kernels over all the numbers.
 Its state keeps Pyro's per-parameter format, so :meth:`get_state` / :meth:`set_state` and
 checkpoints are interchangeable with ``pyro.optim.ClippedAdam``'s.
 """
