@@ -8,6 +8,8 @@ import torch
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_classification, make_cp_regression
+from bayes_fusion.infer.mcmc.chains import laplace_inverse_mass_matrix
+from bayes_fusion.infer.mcmc.chees import Whitening
 from bayes_fusion.infer.mcmc.convergence import r_hat_and_ess
 from bayes_fusion.infer.mcmc.diagnostics import invariant_draws
 from bayes_fusion.infer.mcmc.starts import START_JITTER, chain_starts
@@ -47,6 +49,46 @@ def test_invariant_draws_do_not_see_a_relabelling():
     }
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+class _Quadratic:
+    """A potential ``x^T H x / 2`` over one site ``x``."""
+
+    def __init__(self, hessian):
+        self.hessian = hessian
+
+    def potential(self, params):
+        x = params["x"]
+        return 0.5 * x @ self.hessian @ x
+
+
+def _plain_inverse(hessian):
+    evals, evecs = torch.linalg.eigh(0.5 * (hessian + hessian.T))
+    inverse = (evecs / evals.clamp(min=1.0)) @ evecs.T
+    return 0.5 * (inverse + inverse.T)
+
+
+@pytest.mark.parametrize("largest", [1e4, 1e10])
+def test_laplace_metric_factors_where_curvatures_outrun_float32(largest):
+    """Curvatures 1 .. 1e10 in float32: the plain inverse Hessian comes out indefinite by
+    rounding (it crashed ``fit(guide="mcmc")`` in the chains' starts); the metric caps the
+    largest curvatures until it factors. Curvatures float32 resolves (1 .. 1e4): the plain
+    inverse, unchanged."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    curvatures = torch.logspace(0, math.log10(largest), 20, dtype=torch.float64)
+    hessian = ((q * curvatures) @ q.T).float()
+    plain = _plain_inverse(hessian)
+    start = {"x": torch.zeros(20)}
+    (cov,) = laplace_inverse_mass_matrix(_Quadratic(hessian), start).values()
+    assert torch.linalg.cholesky_ex(cov).info == 0
+    if largest < 1e5:
+        torch.testing.assert_close(cov, plain)
+        return
+    assert torch.linalg.cholesky_ex(plain).info > 0  # what failed before
+    torch.manual_seed(0)
+    assert all(torch.isfinite(s["x"]).all() for s in chain_starts(start, {("x",): cov}, 4))
+    assert torch.isfinite(Whitening(torch.zeros(20), cov).scale).all()
 
 
 def test_chain_starts_are_laplace_draws_around_the_map():

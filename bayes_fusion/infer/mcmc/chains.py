@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -238,6 +239,14 @@ def laplace_inverse_mass_matrix(potential, params: dict[str, Tensor], min_curvat
     Pyro's dense mass matrix), with curvatures clipped below at ``min_curvature`` so flat or
     non-convex directions get unit scale. Starts NUTS's warm-up with a metric that already
     fits the posterior's scales and correlations, instead of the identity.
+
+    Where curvatures span more orders of magnitude than the dtype resolves (a float32 Hessian
+    with curvatures 1 and 1e9), the reassembled inverse can come out indefinite by rounding,
+    and every Cholesky factor of it (the chains' starts, the sampler's metric) would fail: the
+    largest curvatures are then capped, a factor of 10 at a time, until it factors.
+
+    :returns: ``{sorted site names: (D, D) covariance}``, or ``None`` when the Hessian is not
+        finite.
     """
     flat0, unflatten = flatten_params({k: v.detach() for k, v in params.items()})
     hess = torch.autograd.functional.hessian(lambda f: potential.potential(unflatten(f)), flat0)
@@ -245,8 +254,13 @@ def laplace_inverse_mass_matrix(potential, params: dict[str, Tensor], min_curvat
     evals, evecs = torch.linalg.eigh(hess)
     if not bool(torch.isfinite(evals).all()):
         return None
-    inv = (evecs / evals.clamp(min=min_curvature)) @ evecs.T
-    return {tuple(sorted(params)): 0.5 * (inv + inv.T)}
+    cap = math.inf
+    while True:
+        inv = (evecs / evals.clamp(min=min_curvature, max=cap)) @ evecs.T
+        inv = 0.5 * (inv + inv.T)
+        if cap <= min_curvature or not bool(torch.linalg.cholesky_ex(inv).info):
+            return {tuple(sorted(params)): inv}
+        cap = min(cap, float(evals.max())) / 10
 
 
 def kernel_settings(
