@@ -12,7 +12,7 @@ from pyro.nn import PyroModule
 
 import bayes_fusion as bf
 from bayes_fusion.infer.compiled import CompiledFunction, flatten_tensors, unflatten_tensors
-from bayes_fusion.infer.svi.elbo import DirectELBO, _lowrank_draw, _mvn_draw
+from bayes_fusion.infer.svi.elbo import DirectELBO, _mvn_draw
 from bayes_fusion.infer.svi.optim import FusedClippedAdam
 from bayes_fusion.infer.svi.step import PriorAnneal
 
@@ -316,38 +316,6 @@ def test_dense_gaussian_draw_scores_itself_from_its_noise():
     exact = float(q64.log_prob(q64.scale_tril @ eps))
     assert abs(float(log_q) - exact) < 1e-4 * abs(exact)
     assert abs(float(q.log_prob(latent)) - exact) > 10 * abs(float(log_q) - exact)
-
-
-def test_low_rank_gaussian_draw_is_the_distributions_draw_and_density():
-    """The low-rank guide's draw and log-density without the distribution: the draw
-    ``LowRankMultivariateNormal.rsample`` makes (same RNG use) and its ``log_prob``, values and
-    gradients (float64); in float32 with scales spanning 1e-3..1 it stays at the float64 value."""
-    g = torch.Generator().manual_seed(0)
-    loc = torch.randn(30, generator=g, dtype=torch.float64).requires_grad_()
-    raw = torch.randn(30, generator=g, dtype=torch.float64).requires_grad_()
-    factor = (0.5 * torch.randn(30, 4, generator=g, dtype=torch.float64)).requires_grad_()
-    scale = torch.nn.functional.softplus(raw)
-    q = dist.LowRankMultivariateNormal(loc, factor * scale.unsqueeze(-1), scale * scale)
-    torch.manual_seed(3)
-    expected = q.rsample()
-    expected_log_q = q.log_prob(expected)
-    torch.manual_seed(3)
-    latent, log_q = _lowrank_draw(loc, scale, factor)
-    torch.testing.assert_close(latent, expected)
-    torch.testing.assert_close(log_q, expected_log_q)
-    got = torch.autograd.grad(latent.sum() + log_q, (loc, raw, factor), retain_graph=True)
-    want = torch.autograd.grad(expected.sum() + expected_log_q, (loc, raw, factor))
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
-    scales = torch.logspace(-3, 0, 60)
-    factor32 = torch.randn(60, 5, generator=g)
-    latent32, log_q32 = _lowrank_draw(torch.zeros(60), scales, factor32)
-    s64 = scales.double()
-    q64 = dist.LowRankMultivariateNormal(
-        torch.zeros(60).double(), factor32.double() * s64.unsqueeze(-1), s64 * s64
-    )
-    exact = float(q64.log_prob(latent32.double()))
-    assert abs(float(log_q32) - exact) < 1e-5 * abs(exact)
 
 
 @pytest.mark.parametrize("guide", GUIDES)
