@@ -91,6 +91,14 @@ def test_benchmarks_quick_writes_table(tmp_path):
         ranks = [v for r in sbc["rows"] if r["guide"] == s["guide"] for v in r[key]]
         assert sum(s["counts"]) == len(ranks) and all(0 <= v <= 19 for v in ranks)
     assert (tmp_path / "sbc.png").stat().st_size > 0
+    # each replication's rows were kept as they came, and summarize alike on their own
+    rows_file = tmp_path / "sbc_rows.jsonl"
+    assert [json.loads(line) for line in rows_file.read_text().splitlines()] == sbc["rows"]
+    import torch
+
+    threads = str(torch.get_num_threads())  # as this worker has them (main sets them)
+    argv = ["--from-rows", str(rows_file), "--threads", threads, "--out", str(tmp_path / "again")]
+    assert _benchmark_module("sbc").main(argv) == sbc["summary"]
     # the rank posterior of every guide on the known-rank sets
     assert "## Rank posterior: coverage of the true rank" in table
     coverage = json.loads((tmp_path / "rank_coverage.json").read_text())["rows"]
