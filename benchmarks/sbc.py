@@ -279,7 +279,8 @@ def main(argv=None):
     replications = args.replications or (2 if args.quick else 100)
     start = time.perf_counter()
     if args.from_rows is not None:
-        rows = [json.loads(line) for f in args.from_rows for line in open(f) if line.strip()]
+        lines = [line for f in args.from_rows for line in Path(f).read_text().splitlines()]
+        rows = [json.loads(line) for line in lines if line.strip()]
     else:
         # each replication's rows as they come: a run cut short keeps what it did
         rows_file = Path(args.out) / "sbc_rows.jsonl"
