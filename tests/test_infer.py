@@ -341,6 +341,16 @@ def test_fit_is_fit_svi_with_the_same_options(small):
     assert a.losses == b.losses
 
 
+def test_fit_without_num_steps_takes_its_guides_default(monkeypatch, small):
+    """``num_steps=None`` resolves per guide (the real defaults, 3,000 / 4,000, shrunk here)."""
+    assert svi_guides.default_num_steps("lowrank") > svi_guides.default_num_steps("map")
+    monkeypatch.setitem(svi_guides.DEFAULT_NUM_STEPS, "meanfield", 6)
+    monkeypatch.setitem(svi_guides.DEFAULT_NUM_STEPS, "lowrank", 9)
+    for guide, steps in [("lowrank", 9), ("meanfield", 6), (AutoNormal, 6)]:
+        res = bf.fit(_model(), small.inputs, small.y, guide=guide, progress=False)
+        assert len(res.losses) == steps, guide
+
+
 def test_num_threads_is_set_for_the_fit_and_restored(small):
     before = torch.get_num_threads()
     seen = []

@@ -32,7 +32,7 @@ from .batches import (
     start_distributed,
 )
 from .compilation import Compilation
-from .guides import GUIDES, make_guide
+from .guides import GUIDES, default_num_steps, make_guide
 from .step import SVIStepper, default_optimizer
 
 __all__ = ["fit_svi"]
@@ -43,7 +43,7 @@ def fit_svi(
     model,
     *args,
     guide: str | AutoGuide | type = "meanfield",
-    num_steps: int = 3000,
+    num_steps: int | None = None,
     lr: float = 0.05,
     optimizer=None,
     final_lr_fraction: float = 0.1,
@@ -72,7 +72,9 @@ def fit_svi(
     :param args: model arguments, e.g. ``(inputs, y)``; tensors' first dim is the data rows.
     :param guide: ``"map"``, ``"meanfield"``, ``"lowrank"``, ``"full"``, an autoguide class
         (built with the preset initialisation) or a guide instance.
-    :param num_steps: SVI steps (``>= 1``).
+    :param num_steps: SVI steps (``>= 1``); ``None``: the guide's default
+        (:data:`~bayes_fusion.infer.svi.guides.DEFAULT_NUM_STEPS`: 3,000, the low-rank guide
+        4,000).
     :param lr: initial learning rate of the default ClippedAdam.
     :param optimizer: a ``pyro.optim`` optimizer to use instead of the default ClippedAdam,
         whose learning rate decays geometrically to ``final_lr_fraction * lr``.
@@ -154,6 +156,8 @@ def fit_svi(
         >>> len(res.losses), res.method
         (100, 'meanfield')
     """
+    if num_steps is None:
+        num_steps = default_num_steps(guide)
     num_steps, lr, num_particles, checkpoint_every = _checked_numbers(
         model,
         guide,
