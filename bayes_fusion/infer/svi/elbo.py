@@ -65,6 +65,40 @@ def _mvn_draw(posterior) -> tuple[Tensor, Tensor]:
     return latent, log_q
 
 
+def _lowrank_draw(loc: Tensor, scale: Tensor, cov_factor: Tensor) -> tuple[Tensor, Tensor]:
+    """A draw of :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`'s posterior,
+    ``N(loc, S (C C^T + I) S)`` with ``S = diag(scale)``, and its log-density, without
+    building the distribution.
+
+    The draw is the one ``LowRankMultivariateNormal.rsample`` makes (``eps_W`` of the rank's
+    size, then ``eps_D``): ``z = loc + S u`` with ``u = C eps_W + eps_D``. Its log-density
+    needs ``u^T (I + C C^T)^{-1} u`` and ``log det(I + C C^T)``, both through the small
+    ``rank x rank`` matrix ``K = I + C^T C`` (Woodbury and the matrix determinant lemma):
+
+        log q(z) = -(|u|^2 - |L^{-1} C^T u|^2) / 2 - sum log scale - log det L - D log(2 pi) / 2
+
+    with ``L`` the Cholesky factor of ``K``. The value and gradients equal ``log_prob(z)``'s;
+    torch computes it from ``cov_factor / cov_diag`` (two ``rank x D`` divisions forward,
+    more backward: most of a low-rank step at these sizes), and ``K``'s eigenvalues are >= 1,
+    so no division by a small scale enters at all.
+
+    :param loc: ``(D,)``. :param scale: ``(D,)``, positive. :param cov_factor: ``(D, rank)``.
+    :returns: ``(z, log q(z))``: shapes ``(D,)`` and ``()``.
+    """
+    rank = cov_factor.shape[-1]
+    eps_w = loc.new_empty(rank).normal_()
+    eps_d = torch.empty_like(loc).normal_()
+    u = cov_factor @ eps_w + eps_d
+    capacitance = cov_factor.T @ cov_factor
+    capacitance = capacitance + torch.eye(rank, dtype=loc.dtype, device=loc.device)
+    tril = torch.linalg.cholesky(capacitance)
+    projected = torch.linalg.solve_triangular(tril, (u @ cov_factor).unsqueeze(-1), upper=False)
+    mahalanobis = u.square().sum() - projected.square().sum()
+    log_det = torch.diagonal(tril).log().sum() + scale.log().sum()
+    log_q = -0.5 * mahalanobis - log_det - loc.shape[-1] * _HALF_LOG_2PI
+    return loc + scale * u, log_q
+
+
 def _leaf_of(getter, store_leaves: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
     """Read one guide parameter; return (its unconstrained leaf in the param store, value)."""
     value = getter()
@@ -175,6 +209,13 @@ class DirectELBO:
                 path, _, key = name.rpartition(".")
                 self._slots.append((guide.get_submodule(path) if path else guide, key))
             self._transforms = {name: support_bijection(support) for name, support in self._sites}
+            self._lowrank = None  # indices of (loc, unconstrained scale, cov_factor)
+            if isinstance(guide, autoguide.AutoLowRankMultivariateNormal):
+                index = {name: i for i, (name, _) in enumerate(named)}
+                self._lowrank = [index[n] for n in ("loc", "scale_unconstrained", "cov_factor")]
+                self._scale_transform = transform_to(guide.scale_constraint)
+                raw = self._params[self._lowrank[1]]
+                self._check_same("scale", self._scale_transform(raw), guide.scale)
 
     @staticmethod
     def _check_same(name: str, computed: Tensor, expected: Tensor) -> None:
@@ -197,8 +238,7 @@ class DirectELBO:
             }, 0.0
         if isinstance(self.guide, autoguide.AutoNormal):
             return self._sample_normal(params)
-        with self._module_parameters(params):
-            return self._sample_continuous()
+        return self._sample_continuous(params)
 
     @contextlib.contextmanager
     def _module_parameters(self, params):
@@ -231,13 +271,18 @@ class DirectELBO:
             values[name] = z
         return values, log_q
 
-    def _sample_continuous(self):
-        posterior = self.guide.get_posterior()
-        if isinstance(posterior, torch.distributions.MultivariateNormal):
-            latent, log_q = _mvn_draw(posterior)
+    def _sample_continuous(self, params):
+        if self._lowrank is not None:
+            loc, raw_scale, cov_factor = (params[i] for i in self._lowrank)
+            latent, log_q = _lowrank_draw(loc, self._scale_transform(raw_scale), cov_factor)
         else:
-            latent = posterior.rsample()
-            log_q = posterior.log_prob(latent)
+            with self._module_parameters(params):
+                posterior = self.guide.get_posterior()
+            if isinstance(posterior, torch.distributions.MultivariateNormal):
+                latent, log_q = _mvn_draw(posterior)
+            else:
+                latent = posterior.rsample()
+                log_q = posterior.log_prob(latent)
         values = {}
         for site, unconstrained in unpack_latent(self.guide, latent):
             transform = self._transforms[site["name"]]
