@@ -12,7 +12,7 @@ from pyro.nn import PyroModule
 
 import bayes_fusion as bf
 from bayes_fusion.infer.compiled import CompiledFunction, flatten_tensors, unflatten_tensors
-from bayes_fusion.infer.svi.elbo import DirectELBO, _mvn_draw
+from bayes_fusion.infer.svi.elbo import DirectELBO, _lowrank_draw, _mvn_draw
 from bayes_fusion.infer.svi.optim import FusedClippedAdam
 from bayes_fusion.infer.svi.step import PriorAnneal
 
@@ -316,6 +316,31 @@ def test_dense_gaussian_draw_scores_itself_from_its_noise():
     exact = float(q64.log_prob(q64.scale_tril @ eps))
     assert abs(float(log_q) - exact) < 1e-4 * abs(exact)
     assert abs(float(q.log_prob(latent)) - exact) > 10 * abs(float(log_q) - exact)
+
+
+def test_lowrank_draw_is_the_dense_gaussians_draw_and_density():
+    """The low-rank guide's draw (the one ``LowRankMultivariateNormal.rsample`` makes, same RNG
+    use) and its Woodbury log-density against the dense ``N(loc, S (C C^T + I) S)`` (float64),
+    with its gradients, for scales spanning 1e-3..1."""
+    g = torch.Generator().manual_seed(0)
+    dim, rank = 40, 6
+    loc = torch.randn(dim, generator=g, dtype=torch.float64).requires_grad_()
+    scale = torch.logspace(-3, 0, dim, dtype=torch.float64).requires_grad_()
+    factor = torch.randn(dim, rank, generator=g, dtype=torch.float64).requires_grad_()
+    torch.manual_seed(4)
+    latent, log_q = _lowrank_draw(loc, scale, factor)
+    torch.manual_seed(4)
+    lowrank = dist.LowRankMultivariateNormal(loc, factor * scale.unsqueeze(-1), scale.square())
+    reference = lowrank.rsample()
+    torch.testing.assert_close(latent, reference)
+    cov = scale.unsqueeze(-1) * (factor @ factor.T + torch.eye(dim, dtype=torch.float64)) * scale
+    dense = dist.MultivariateNormal(loc, covariance_matrix=cov).log_prob(reference)
+    torch.testing.assert_close(log_q, dense, rtol=1e-10, atol=1e-8)
+    weights = torch.randn(dim, generator=g, dtype=torch.float64)  # the draw's path as well
+    got = torch.autograd.grad(log_q + latent @ weights, (loc, scale, factor))
+    want = torch.autograd.grad(dense + reference @ weights, (loc, scale, factor))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("guide", GUIDES)
