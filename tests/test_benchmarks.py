@@ -133,6 +133,31 @@ def test_sbc_ranks_are_uniform_for_an_exact_posterior_and_not_for_an_overconfide
     assert sbc.thin(chains, 6).tolist() == [0.0, 14.0, 29.0, 30.0, 44.0, 59.0]
 
 
+def test_sbc_tests_each_quantity_since_a_replications_ranks_are_correlated():
+    sbc = _benchmark_module("sbc")
+    import torch
+
+    torch.manual_seed(1)
+    # 8 "predictive means" of one exact posterior that share their uncertainty: f_j = theta
+    # + c_j, theta | y ~ N(y / 2, 1 / 2); each rank is uniform, the 8 ranks of a replication
+    # nearly equal
+    exact_rows, narrow_rows = [], []
+    for _ in range(100):
+        theta, y_noise = torch.randn(()), torch.randn(())
+        y = theta + y_noise
+        shift = torch.linspace(-1, 1, 8)
+        post = y / 2 + torch.randn(sbc.DRAWS, 1) * 0.5**0.5 + 0.01 * torch.randn(sbc.DRAWS, 8)
+        exact_rows.append(sbc.rank_statistic(post + shift, theta + shift).tolist())
+        narrow = y / 2 + (post - y / 2) / 3
+        narrow_rows.append(sbc.rank_statistic(narrow + shift, theta + shift).tolist())
+    exact = sbc.per_quantity_uniformity(exact_rows)
+    pooled = sbc.uniformity([v for row in exact_rows for v in row])
+    assert exact["rank_correlation"] > 0.9 and len(exact["p_each"]) == 8
+    # the pooled histogram "rejects" the exact posterior; the per-quantity test does not
+    assert pooled["p_value"] < 1e-3 < 0.01 < exact["p_bonferroni"]
+    assert sbc.per_quantity_uniformity(narrow_rows)["p_bonferroni"] < 1e-6
+
+
 def test_binary_calibration_problem_scores_the_true_class_probability():
     calibration = _benchmark_module("calibration")
     import torch
