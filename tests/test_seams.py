@@ -113,3 +113,35 @@ def test_worker_environment_puts_this_package_first_on_the_path():
     root = env["PYTHONPATH"].split(":")[0]
     assert env["OMP_NUM_THREADS"] == "3"
     assert (Path(root) / "bayes_fusion" / "__init__.py").exists()
+
+
+def test_trusted_vector_isa_skips_inductors_probes_only_for_the_isa_aten_runs(monkeypatch):
+    import platform
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    # the internals the seam reads are still there
+    assert callable(cpu_vec_isa.x86_isa_checker) and cpu_vec_isa.supported_vec_isa_list
+    assert inductor_config.cpp.vec_isa_ok is None
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    monkeypatch.setattr(cpu_vec_isa, "x86_isa_checker", lambda: ["avx2", "avx512"])
+    cases = {
+        ("AVX512", ("avx2", "avx512")): True,  # inductor would pick AVX-512, ATen runs it
+        ("AVX2", ("avx2", "avx512")): False,  # ATen chose AVX2 (or was told to): probe
+        ("AVX2", ("avx2",)): True,
+        ("DEFAULT", ("avx2",)): False,
+        ("AVX512", ("avx2", "avx512", "avx512_vnni", "amx_tile")): False,  # AMX: probe
+    }
+    for (capability, flags), trusted in cases.items():
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(cpu_vec_isa, "x86_isa_checker", lambda f=flags: list(f))
+        assert seams._aten_runs_inductor_isa() is (trusted and x86), (capability, flags)
+        with seams.trusted_vector_isa():
+            assert inductor_config.cpp.vec_isa_ok is (True if trusted and x86 else None)
+        assert inductor_config.cpp.vec_isa_ok is None
+    # a value the user set is left alone
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_vec_isa, "x86_isa_checker", lambda: ["avx2"])
+    with inductor_config.patch({"cpp.vec_isa_ok": False}), seams.trusted_vector_isa():
+        assert inductor_config.cpp.vec_isa_ok is False

@@ -27,7 +27,12 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .seams import inductor_cache_counts, inductor_cache_dir, inductor_caches_off
+from .seams import (
+    inductor_cache_counts,
+    inductor_cache_dir,
+    inductor_caches_off,
+    trusted_vector_isa,
+)
 
 __all__ = [
     "CACHE_ENV",
@@ -106,9 +111,15 @@ class _Counting:
 def caching():
     """Compile inside this block to use the on-disk caches as configured (off when
     :data:`CACHE_ENV` says so); yields an object whose ``use()`` gives the block's
-    :class:`CacheUse`."""
+    :class:`CacheUse`.
+
+    An empty cache also holds none of inductor's probe builds of the CPU's vector ISAs (~6 s
+    on a 2-core CPU); inside the block they are skipped where torch's own kernels already run
+    with the ISA inductor would pick (:func:`~bayes_fusion.infer.seams.trusted_vector_isa`).
+    """
     enabled = cache_enabled()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(trusted_vector_isa())
         if not enabled:
             stack.enter_context(inductor_caches_off())
         yield _Counting(enabled)

@@ -20,6 +20,9 @@ API serves, the package uses that instead; what is left has none:
   ``counters``), and the config switches that turn it off (``fx_graph_cache``,
   ``enable_autograd_cache``): :func:`inductor_cache_dir`,
   :func:`inductor_cache_counts`, :func:`inductor_caches_off`.
+* Inductor's probe builds of the CPU's vector instruction sets (``cpu_vec_isa``: the ISAs the
+  CPU lists, the one it picks, and the config switch ``cpp.vec_isa_ok`` that skips the
+  probes): :func:`trusted_vector_isa`.
 * A chain's worker process must import this very package even when it is not installed (a
   source checkout): :func:`worker_environment` puts its root on ``PYTHONPATH``.
 """
@@ -42,6 +45,7 @@ __all__ = [
     "inductor_caches_off",
     "nuts_kernel_class",
     "private_code",
+    "trusted_vector_isa",
     "unpack_latent",
     "worker_environment",
 ]
@@ -187,4 +191,55 @@ def inductor_caches_off():
         inductor_config.patch(fx_graph_cache=False),
         functorch_config.patch(enable_autograd_cache=False),
     ):
+        yield
+
+
+def _aten_runs_inductor_isa() -> bool:
+    """Whether torch's own kernels already run, in this process, with the vector ISA inductor
+    would pick on this CPU (x86 only; never for AMX, which needs a per-process permission)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    from torch._inductor import cpu_vec_isa
+
+    width = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability())
+    listed = set(cpu_vec_isa.x86_isa_checker())
+    candidates = [
+        str(isa).split()
+        for isa in cpu_vec_isa.supported_vec_isa_list
+        if all(flag in listed for flag in str(isa).split())
+    ]
+    if width is None or not candidates:
+        return False
+    pick = candidates[0]
+    return pick[0] == width and "amx_tile" not in pick
+
+
+@contextlib.contextmanager
+def trusted_vector_isa():
+    """Inside: inductor trusts the CPU's listed vector ISAs instead of probing them, where
+    torch's own kernels already run with the one it would pick.
+
+    Before its first C++ build with an empty cache, inductor builds and loads (in a subprocess)
+    a test program per vector ISA the CPU lists, to learn what compiler and OS support: on a
+    2-core AVX-512 CPU six builds and three loads, ~6 s -- half of a cold compile of the SVI
+    step, more than the graph's own build. ATen has settled the OS's half at start-up
+    (``torch.backends.cpu.get_cpu_capability()``: ``"AVX512"`` means this process runs AVX-512
+    kernels); when that is the width inductor would pick (and no AMX, which needs a per-process
+    permission), inductor's ``cpp.vec_isa_ok`` is set inside. Should the compiler not build for
+    the ISA, the graph's build fails and the caller runs eagerly after a warning. Nothing
+    changes where ``cpp.vec_isa_ok`` is already set, on other CPUs, or when torch lacks these
+    internals.
+    """
+    try:
+        import torch._inductor.config as inductor_config
+
+        trusted = inductor_config.cpp.vec_isa_ok is None and _aten_runs_inductor_isa()
+    except (ImportError, AttributeError):
+        trusted = False
+    if not trusted:
+        yield
+        return
+    with inductor_config.patch({"cpp.vec_isa_ok": True}):
         yield
