@@ -74,10 +74,12 @@ def test_fused_steps_follow_the_step_by_step_loop(guide, jit):
     assert steps == {44} and lrs == want_lrs
 
 
-def test_fused_steps_stop_at_a_non_finite_loss():
-    # a learning rate that blows the factors up within a few steps
+@pytest.mark.parametrize("jit", ["fused", True])
+def test_fused_steps_stop_at_a_non_finite_loss(jit):
+    # a learning rate that blows the factors up within a few steps (jit=True: in a later one
+    # of the compiled calls that share one run)
     with pytest.raises(bf.NonFiniteLossError, match="non-finite loss") as err:
-        _fit("map", "fused", num_steps=200, lr=1e6, kl_warmup=0.0)
+        _fit("map", jit, num_steps=200, lr=1e6, kl_warmup=0.0)
     assert "step" in str(err.value)
     # the step-by-step loop stops at the same step
     with pytest.raises(bf.NonFiniteLossError) as ref:
@@ -125,3 +127,33 @@ def test_a_failed_compile_falls_back_to_eager_steps_with_the_guide_intact(monkey
     for name, value in eager.guide.median().items():
         with res.param_scope():
             torch.testing.assert_close(res.guide.median()[name], value)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_a_run_of_several_calls_stops_at_the_first_non_finite_step(steps):
+    from bayes_fusion.infer.svi.fused import FusedSteps
+
+    # the bookkeeping of FusedSteps.run over several compiled calls, with the compiled call
+    # replaced by one whose 8th step (global index 7) is not finite
+    calls = []
+
+    def compiled(theta, lr, active, batch):
+        first = len(calls) * steps
+        calls.append(int(active))
+        losses = torch.arange(first, first + steps, dtype=torch.float64)
+        finite = losses != 7
+        if steps == 1:
+            losses, finite = losses[0], finite[0]
+        return theta + int(active), lr, losses, finite
+
+    fused = FusedSteps.__new__(FusedSteps)
+    fused.steps, fused._checked, fused._compiled = steps, True, compiled
+    fused._state, fused._constants = [torch.zeros(()), torch.ones(())], ()
+    fused._active = {n: torch.tensor(n) for n in range(1, steps + 1)}
+    losses, bad = fused.run((), 20)
+    assert bad == 7 and losses == [float(k) for k in range(8)]
+    assert len(calls) == 8 // steps + (8 % steps > 0)
+    # a run without trouble takes n steps in calls of `steps`, the last one shorter
+    calls.clear()
+    losses, bad = fused.run((), 5)
+    assert bad == -1 and len(losses) == 5 and calls == ([1] * 5 if steps == 1 else [3, 2])

@@ -32,6 +32,7 @@ from .batches import (
     start_distributed,
 )
 from .compilation import Compilation
+from .fused import STEPS_PER_RUN
 from .guides import GUIDES, default_num_steps, make_guide
 from .step import SVIStepper, default_optimizer
 
@@ -396,7 +397,7 @@ def _run_steps(
     """The training loop from ``len(losses)`` to ``num_steps``; appends to ``losses`` and
     returns the number of steps done in all (a resumed fit counts its earlier steps). Once
     ``compilation`` runs whole compiled steps, every later step runs in compiled chunks of
-    ``compilation.fused.steps``."""
+    :data:`~.fused.STEPS_PER_RUN` steps (or ``compilation.fused.steps``, if more)."""
     sync = stepper.sync
     start_step = step = len(losses)
     bar = tqdm(
@@ -462,7 +463,7 @@ def _fused_chunk(compilation, stepper, batches, losses, step, num_steps) -> int:
     :raises NonFiniteLossError: a step's loss or gradient was not finite (the parameters are
         those before it)."""
     fused = compilation.fused
-    n = min(fused.steps, num_steps - step)
+    n = min(max(fused.steps, STEPS_PER_RUN), num_steps - step)
     batch = next(batches)
     try:
         chunk, bad = fused.run(batch, n)
