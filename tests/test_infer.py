@@ -8,7 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoNormal
 
 import bayes_fusion as bf
 from bayes_fusion.datasets import make_cp_regression
@@ -349,6 +349,12 @@ def test_fit_without_num_steps_takes_its_guides_default(monkeypatch, small):
     for guide, steps in [("lowrank", 9), ("meanfield", 6), (AutoNormal, 6)]:
         res = bf.fit(_model(), small.inputs, small.y, guide=guide, progress=False)
         assert len(res.losses) == steps, guide
+    # a preset's autoguide class or instance takes the preset's; any other guide meanfield's
+    model = _model()
+    lowrank = AutoLowRankMultivariateNormal(model)
+    assert svi_guides.default_num_steps(AutoLowRankMultivariateNormal) == 9
+    assert svi_guides.default_num_steps(lowrank) == 9
+    assert svi_guides.default_num_steps(AutoDiagonalNormal(model)) == 6
 
 
 def test_num_threads_is_set_for_the_fit_and_restored(small):

@@ -51,19 +51,26 @@ FULL_COVARIANCE_MAX_DIM = 2000
 DEFAULT_NUM_STEPS = {"map": 3000, "meanfield": 3000, "lowrank": 4000, "full": 3000}
 
 
-def default_num_steps(guide) -> int:
-    """SVI steps of a fit with ``guide`` (a preset name, or any other guide) by default."""
-    if isinstance(guide, str) and guide in DEFAULT_NUM_STEPS:
-        return DEFAULT_NUM_STEPS[guide]
-    return DEFAULT_NUM_STEPS["meanfield"]
-
-
+#: each preset's autoguide class: a guide of that class (or a subclass) takes its preset's
+#: default steps
 _CLASSES = {
     "map": autoguide.AutoDelta,
     "meanfield": autoguide.AutoNormal,
     "lowrank": autoguide.AutoLowRankMultivariateNormal,
     "full": autoguide.AutoMultivariateNormal,
 }
+
+
+def default_num_steps(guide) -> int:
+    """SVI steps of a fit with ``guide`` by default: a preset name's, or the preset's whose
+    autoguide class ``guide`` is (a class or an instance, subclasses included); any other
+    guide ``"meanfield"``'s."""
+    if isinstance(guide, str) and guide in DEFAULT_NUM_STEPS:
+        return DEFAULT_NUM_STEPS[guide]
+    for name, cls in _CLASSES.items():
+        if isinstance(guide, cls) or (isinstance(guide, type) and issubclass(guide, cls)):
+            return DEFAULT_NUM_STEPS[name]
+    return DEFAULT_NUM_STEPS["meanfield"]
 
 
 def latent_dim(model, *args, **kwargs) -> int:

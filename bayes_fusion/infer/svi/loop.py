@@ -74,8 +74,8 @@ def fit_svi(
     :param guide: ``"map"``, ``"meanfield"``, ``"lowrank"``, ``"full"``, an autoguide class
         (built with the preset initialisation) or a guide instance.
     :param num_steps: SVI steps (``>= 1``); ``None``: the guide's default
-        (:data:`~bayes_fusion.infer.svi.guides.DEFAULT_NUM_STEPS`: 3,000, the low-rank guide
-        4,000).
+        (:func:`~bayes_fusion.infer.svi.guides.default_num_steps`: 3,000, the low-rank guide --
+        ``"lowrank"`` or an ``AutoLowRankMultivariateNormal`` -- 4,000).
     :param lr: initial learning rate of the default ClippedAdam.
     :param optimizer: a ``pyro.optim`` optimizer to use instead of the default ClippedAdam,
         whose learning rate decays geometrically to ``final_lr_fraction * lr``.
