@@ -202,7 +202,8 @@ def per_quantity_uniformity(rank_rows: list[list[int]], draws: int = DRAWS, bins
     replications) says how much.
 
     :param rank_rows: per replication, its ranks of the group's quantities (``m`` each).
-    :returns: ``{"p_bonferroni", "p_each" (list of m), "rank_correlation"}``.
+    :returns: ``{"p_bonferroni", "p_each" (list of m), "rank_correlation"}`` (the last
+        ``None`` where undefined: one quantity, two replications or fewer, constant ranks).
     """
     from scipy import stats
 
@@ -212,11 +213,11 @@ def per_quantity_uniformity(rank_rows: list[list[int]], draws: int = DRAWS, bins
         for col in matrix.T
     ]
     m = len(p_each)
-    corr = float("nan")
+    corr = None  # undefined for one quantity, too few replications or constant ranks
     if m > 1 and matrix.shape[0] > 2:
-        c = torch.corrcoef(matrix.T)
-        off = c[~torch.eye(m, dtype=torch.bool)]
-        corr = float(off[torch.isfinite(off)].mean()) if torch.isfinite(off).any() else corr
+        off = torch.corrcoef(matrix.T)[~torch.eye(m, dtype=torch.bool)]
+        if torch.isfinite(off).any():
+            corr = float(off[torch.isfinite(off)].mean())
     return {
         "p_bonferroni": min(1.0, m * min(p_each)) if p_each else float("nan"),
         "p_each": p_each,
@@ -278,6 +279,10 @@ QUANTITIES = {
 }
 
 
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(summary: list[dict], meta: dict) -> str:
     lines = scored_section.table_head(
         f"Simulation-based calibration (ranks of the truth among {DRAWS} posterior draws)",
@@ -301,7 +306,7 @@ def markdown(summary: list[dict], meta: dict) -> str:
         lines.append(
             f"| {s['guide']} | {QUANTITIES[s['quantity']]} | {s['replications']} | "
             f"{sum(s['counts'])} | {s['p_bonferroni']:.3g} | {s['p_value']:.3g} | "
-            f"{s['rank_correlation']:.2f} | {s['outer_10']:.3f} | "
+            f"{_number(s['rank_correlation'], '.2f')} | {s['outer_10']:.3f} | "
             f"{' '.join(map(str, s['counts']))} | "
             f"{s['seconds']:.1f} | {s['divergences']} | {s['mixed']} |"
         )
