@@ -56,8 +56,10 @@ __all__ = [
 
 #: eager steps timed (after the first, validated one) before ``jit=None`` decides
 PROBE_STEPS = 10
-#: a cold compile's seconds when this machine has none on record (a 2-core CPU measured 15-20 s
-#: for one whole step of the SVI benchmark model; benchmarks/results)
+#: a cold compile's seconds when this machine has none on record (2-core CPUs measured 15-20 s
+#: for one whole step of the SVI benchmark model, 7-9 s on a fast day once inductor's ISA
+#: probes were skipped; kept on the safe side: a fit that compiles only when it pays;
+#: benchmarks/results)
 DEFAULT_COLD_COMPILE_S = 20.0
 #: the same for several whole SVI steps unrolled into one call (engine ``"steps xK"``,
 #: ``jit="fused"``: 29-49 s for 8 steps on a 2-core Intel CPU, ~90 s on a 2-core AMD one)
