@@ -205,13 +205,8 @@ def per_quantity_uniformity(rank_rows: list[list[int]], draws: int = DRAWS, bins
     :returns: ``{"p_bonferroni", "p_each" (list of m), "rank_correlation"}`` (the last
         ``None`` where undefined: one quantity, two replications or fewer, constant ranks).
     """
-    from scipy import stats
-
     matrix = torch.tensor(rank_rows, dtype=torch.float64)  # (replications, m)
-    p_each = [
-        float(stats.chisquare(torch.histc(col, bins=bins, min=0, max=draws + 1).numpy()).pvalue)
-        for col in matrix.T
-    ]
+    p_each = [uniformity(col.long().tolist(), draws, bins)["p_value"] for col in matrix.T]
     m = len(p_each)
     corr = None  # undefined for one quantity, too few replications or constant ranks
     if m > 1 and matrix.shape[0] > 2:

@@ -76,8 +76,8 @@ def test_fused_steps_follow_the_step_by_step_loop(guide, jit):
 
 @pytest.mark.parametrize("jit", ["fused", True])
 def test_fused_steps_stop_at_a_non_finite_loss(jit):
-    # a learning rate that blows the factors up within a few steps (jit=True: in a later one
-    # of the compiled calls that share one run)
+    # a learning rate that blows the factors up at the first compiled step (jit=True: one
+    # step per call; a non-finite step in a later call of a run is the test below)
     with pytest.raises(bf.NonFiniteLossError, match="non-finite loss") as err:
         _fit("map", jit, num_steps=200, lr=1e6, kl_warmup=0.0)
     assert "step" in str(err.value)
